@@ -1,0 +1,106 @@
+"""The command line: thin wrappers that delegate to recipe, engine and plugins."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .errors import AligntkError
+from .plugins import Plugins, load_plugins
+from .recipe import ResolvedRecipe, read_recipe, validate_recipe
+
+_OVERRIDES_HELP = "KEY.PATH=VALUE pairs override recipe keys (values parsed as YAML), e.g. train.max_steps=50."
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User mistakes exit with status 1 and one line on stderr, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AligntkError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: checkpoints already written are kept; continue with --resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _plugins() -> Plugins:
+    plugins = load_plugins()
+    for info in plugins.broken:
+        click.echo(f"warning: plugin {info.name!r} ({info.distribution}) is broken and was skipped: {info.error}", err=True)
+    return plugins
+
+
+def _resolve(recipe: str, overrides: tuple[str, ...], plugins: Plugins) -> ResolvedRecipe:
+    return validate_recipe(read_recipe(recipe, overrides), plugins.registry, source=recipe)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aligntk")
+def main() -> None:
+    """aligntk: fine-tune language models from a YAML recipe.
+
+    \b
+    aligntk run recipes/quickstart.yaml            train
+    aligntk validate recipes/quickstart.yaml       check a recipe, load nothing
+    aligntk plugins                                list plugins and components
+    """
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in the run folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in the run folder.")
+@_user_errors
+def run(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+    """Train with RECIPE. OVERRIDES are KEY.PATH=VALUE pairs (e.g. train.max_steps=50)."""
+    from .engine import train  # torch and transformers load only when training
+
+    if resume and overwrite:
+        raise AligntkError("--resume and --overwrite contradict each other; give one")
+    plugins = _plugins()
+    result = train(_resolve(recipe, overrides, plugins), plugins, resume=resume, overwrite=overwrite)
+    click.echo(f"run folder: {result.run_dir}  (model in {result.run_dir / 'model'})")
+    if result.stopped:
+        click.echo(f"stopped early at step {result.steps}: {result.stopped}")
+    for key, after in result.last_eval.items():
+        before = result.first_eval.get(key)
+        shown = f"{before:.4f} -> {after:.4f}" if before is not None else f"{after:.4f}"
+        click.echo(f"{key}: {shown}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@_user_errors
+def validate(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE and every component's options without loading any model."""
+    resolved = _resolve(recipe, overrides, _plugins())
+    names = ", ".join(c.name for c in resolved.losses)
+    click.echo(f"{recipe}: ok (data {resolved.data.name}, loss {names}, update {resolved.update.name})")
+
+
+@main.command("plugins")
+@_user_errors
+def plugins_cmd() -> None:
+    """List installed plugins: distribution, version, and the components each provides."""
+    plugins = load_plugins()
+    for info in plugins.infos:
+        click.echo(f"{info.name}  ({info.distribution} {info.version})")
+        if info.error is not None:
+            click.echo(f"    BROKEN: {info.error}")
+            continue
+        for reg in plugins.registry.by_plugin(info.name):
+            click.echo(f"    {reg.kind:<9} {reg.name}")

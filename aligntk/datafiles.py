@@ -1,0 +1,153 @@
+"""Reading rows from local data files, with the location of each row for error messages.
+
+Every data component reads its files through :func:`read_rows`, so a bad row is always
+reported the same way: ``data/train.jsonl:17: ...`` (a line) or ``data/train.parquet: row 5:
+...`` (a row, for formats without lines). Rows are plain dicts; checking their shape is the
+component's job.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+#: File extensions :func:`read_rows` understands.
+SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(where, row)`` for every row of a local data file, in file order.
+
+    ``where`` names the row for messages: ``"train.jsonl:17"`` (1-based line) for JSON Lines,
+    ``"train.csv:12"`` (the header is line 1) for CSV, ``"train.json: row 5"`` for a JSON
+    array of objects and ``"train.parquet: row 5"`` for Parquet (1-based rows).
+
+    CSV values are always strings (an empty cell is ``""``): a completion ``4`` stays text.
+
+    Args:
+        path: a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file.
+
+    Raises:
+        DataError: the file is missing, has an unknown extension, cannot be parsed, or holds
+            a row that is not an object. The message starts with the file (and line or row).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_EXTENSIONS:
+        raise DataError(
+            f"{path}: unknown data file type {path.suffix or '(no extension)'!r}; "
+            f"supported: {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    try:
+        yield from readers[suffix](path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            yield where, _object(row, where)
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(rows, list):
+        raise DataError(
+            f"{path}: a .json data file holds a list of objects, got {describe_type(rows)} "
+            "(use .jsonl for one object per line)"
+        )
+    for number, row in enumerate(rows, start=1):
+        where = f"{path}: row {number}"
+        yield where, _object(row, where)
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    # The csv module rather than `datasets`: pandas would turn a completion "4" into an int,
+    # and line numbers stay exact when a quoted cell spans several lines.
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return
+        while True:
+            where = f"{path}:{reader.line_num + 1}"  # the line the next row starts on
+            cells = next(reader, None)
+            if cells is None:
+                return
+            if not cells:
+                continue  # a blank line
+            if len(cells) != len(header):
+                raise DataError(f"{where}: {len(cells)} cells, but the header has {len(header)} columns")
+            yield where, dict(zip(header, cells))
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+    import pyarrow
+
+    try:
+        with _quiet_datasets() as cache_dir:
+            table = datasets.load_dataset(
+                "parquet", data_files=str(path), split="train", cache_dir=cache_dir, keep_in_memory=True
+            )
+    except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError) as exc:
+        cause = exc.__cause__ or exc
+        raise DataError(f"{path}: not a readable Parquet file: {cause}") from None
+    for number, row in enumerate(table, start=1):
+        yield f"{path}: row {number}", row
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[str]:
+    """A throw-away cache folder, and no progress bars, for one ``datasets.load_dataset`` call.
+
+    The rows are kept in memory, so nothing is left in the user's Hugging Face cache.
+    """
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="aligntk-data-") as cache_dir:
+            yield cache_dir
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _object(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {describe_type(row)}")
+    return row
+
+
+def describe_type(value: Any) -> str:
+    """A value's type in words a data file's author knows: ``object``, ``list``, ``null``, ``int`` ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, str):
+        return "string"
+    return type(value).__name__

@@ -1,0 +1,440 @@
+"""The training loop every method runs on.
+
+The engine knows no method: a data component makes batches, loss components turn a
+batch into a summed loss, an update step owns the optimizer. Everything else lives
+here: devices, precision, accumulation, clipping, evaluation, checkpoints, the run
+folder and the lifecycle hooks. It reads top to bottom: ``train`` sets up, then
+``_Trainer.fit`` loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .distributed import Dist, init_distributed, shutdown
+from .errors import AligntkError, TrainingError
+from .models import Frozen, build_model, count_parameters, frozen_copy, load_tokenizer, save_pretrained, unwrap
+from .plugins import Plugins
+from .precision import Precision
+from .recipe import ResolvedRecipe
+from .types import Batch, DataContext, DataSplits, Example, LossComponent, Models, RunInfo
+
+log = logging.getLogger("aligntk")
+
+#: Files in a run folder that mean "a run already wrote here".
+_RUN_MARKERS = ("metrics.jsonl", "recipe.yaml", "checkpoints", "model")
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports: its folder and the first and last evaluation."""
+
+    run_dir: Path
+    steps: int
+    first_eval: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_train: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def global_batch_indices(step: int, n: int, size: int, seed: int) -> list[int]:
+    """Example indices of the global batch for optimizer step ``step`` (0-based).
+
+    The training stream is one shuffled pass after another with a fresh order per
+    epoch, cut into consecutive global batches; a batch may straddle two epochs.
+    Nothing is dropped, and the batch is a pure function of the step, which is what
+    makes resume exact without saving any data-loader state.
+    """
+    out: list[int] = []
+    position = step * size
+    while len(out) < size:
+        epoch, offset = divmod(position + len(out), n)
+        take = min(size - len(out), n - offset)
+        out.extend(_permutation(n, seed, epoch)[offset : offset + take])
+    return out
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _count_tokens(batch: Batch) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum()
+    ids = batch.get("input_ids")
+    return torch.tensor(ids.numel() if ids is not None else 0)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Check the run folder; return the checkpoint to resume from (or ``None``)."""
+    if resume:
+        found = ckpt.latest_checkpoint(run_dir)
+        if found is None:
+            raise AligntkError(f"{run_dir}: --resume was given but there is no complete checkpoint to resume from")
+        return found
+    used = [m for m in _RUN_MARKERS if (run_dir / m).exists()]
+    if used:
+        if not overwrite:
+            raise AligntkError(
+                f"{run_dir} already holds a run ({', '.join(used)}); pass --resume to continue it, "
+                "--overwrite to replace it, or set output_dir to a new folder"
+            )
+        for m in used:
+            target = run_dir / m
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return None
+
+
+def train(
+    resolved: ResolvedRecipe, plugins: Plugins, *, resume: bool = False, overwrite: bool = False
+) -> RunResult:
+    """Run a validated recipe to the end; return where it wrote and what it measured."""
+    recipe, spec = resolved.recipe, resolved.train
+    d = init_distributed(spec.device)
+    run_dir = Path(recipe.output_dir)
+    try:
+        resume_from = prepare_run_dir(run_dir, resume, overwrite) if d.is_main else None
+        d.barrier()
+        if resume and not d.is_main:
+            resume_from = ckpt.latest_checkpoint(run_dir)
+        base_dir = resolved.source.resolve().parent if resolved.source else Path.cwd()
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is None:
+                (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved.dump(), sort_keys=False))
+                (run_dir / "plugins.json").write_text(json.dumps(plugins.versions(), indent=2))
+
+        torch.manual_seed(recipe.seed)  # same initial weights on every process
+        tokenizer = load_tokenizer(recipe.model, base_dir)
+        policy = build_model(recipe.model, tokenizer, base_dir)
+        models: dict[str, torch.nn.Module] = {}
+        for role in resolved.roles()[1:]:
+            if role in recipe.models:
+                model = build_model(recipe.models[role], tokenizer, base_dir, key=f"models.{role}")
+                models[role] = Frozen(model).to(d.device)
+            else:  # the reference defaults to the policy as it starts
+                models[role] = frozen_copy(policy).to(d.device)
+
+        data = resolved.data.build()
+        splits = data.load(DataContext(tokenizer=tokenizer, seed=recipe.seed, run_dir=run_dir))
+        if not splits.train:
+            raise AligntkError(f"data: the {resolved.data.name!r} data gave no training examples")
+        if d.is_main:
+            _report_data(run_dir, splits)
+
+        update = resolved.update.build()
+        policy = update.prepare(policy).to(d.device)
+        if spec.gradient_checkpointing:
+            _enable_checkpointing(unwrap(policy))
+        optimizer, scheduler = update.configure(policy, spec.max_steps)
+        precision = Precision(spec.precision, d.device)
+        start_step = 0
+        if resume_from is not None:
+            start_step = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, precision.scaler)
+            log.info("resuming from %s (step %d)", resume_from, start_step)
+        trainable, total = count_parameters(policy)
+        if trainable == 0:
+            raise AligntkError(f"update {resolved.update.name!r}: no parameter is trainable")
+        if d.enabled:
+            policy = torch.nn.parallel.DistributedDataParallel(
+                policy, device_ids=[d.device.index] if d.device.type == "cuda" else None
+            )
+        models["policy"] = policy
+
+        info = RunInfo(
+            run_dir=run_dir,
+            recipe=resolved.dump(),
+            max_steps=spec.max_steps,
+            start_step=start_step,
+            world_size=d.world_size,
+            device=str(d.device),
+            trainable_parameters=trainable,
+            total_parameters=total,
+        )
+        trainer = _Trainer(
+            resolved=resolved,
+            plugins=plugins,
+            d=d,
+            info=info,
+            tokenizer=tokenizer,
+            models=Models(models),
+            data=data,
+            splits=splits,
+            losses=[c.build() for c in resolved.losses],
+            weights=[c.weight for c in resolved.losses],
+            evaluators=[(c.name, c.build()) for c in resolved.evaluators],
+            update=update,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            precision=precision,
+        )
+        return trainer.fit()
+    finally:
+        shutdown(d)
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass instead of keeping them."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _report_data(run_dir: Path, splits: DataSplits) -> None:
+    report = splits.report
+    (run_dir / "data_report.json").write_text(json.dumps({"rows": report.rows, "skipped": report.skipped}, indent=2))
+    for reason, n in report.skipped.items():
+        log.warning("data: skipped %d row(s): %s (see %s)", n, reason, run_dir / "data_report.json")
+
+
+@dataclass
+class _Trainer:
+    resolved: ResolvedRecipe
+    plugins: Plugins
+    d: Dist
+    info: RunInfo
+    tokenizer: Any
+    models: Models
+    data: Any
+    splits: DataSplits
+    losses: list[LossComponent]
+    weights: list[float]
+    evaluators: list[tuple[str, Any]]
+    update: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    precision: Precision
+
+    def __post_init__(self) -> None:
+        spec = self.resolved.train
+        self.spec = spec
+        self.policy = self.models.policy
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.per_rank = spec.batch_size * spec.grad_accum
+        self.global_batch = self.per_rank * self.d.world_size
+        self.metrics_file = self.info.run_dir / "metrics.jsonl"
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def fit(self) -> RunResult:
+        info, spec = self.info, self.spec
+        result = RunResult(run_dir=info.run_dir, steps=info.start_step)
+        error: BaseException | None = None
+        if self.d.is_main:
+            self.plugins.on_run_start(info)
+        try:
+            if info.start_step == 0:
+                result.first_eval = self.evaluate(0)
+            tokens_seen = 0
+            for step in range(info.start_step + 1, spec.max_steps + 1):
+                metrics = self.train_step(step)
+                tokens_seen += int(metrics["tokens"])
+                metrics["tokens_seen"] = tokens_seen
+                result.steps, result.last_train = step, metrics
+                stop = None
+                if self.d.is_main and (step % spec.log_every == 0 or step == spec.max_steps):
+                    self._write({"split": "train", "step": step, **metrics})
+                    stop = self.plugins.on_step_end(info, step, metrics)
+                if self.d.broadcast_flag(stop is not None):
+                    result.stopped = stop or "stopped by a plugin on the main process"
+                if spec.eval_every and step % spec.eval_every == 0 and step != spec.max_steps:
+                    result.last_eval = self.evaluate(step)
+                if spec.save_every and step % spec.save_every == 0:
+                    self.save_checkpoint(step)
+                if result.stopped:
+                    log.warning("stopping after step %d: %s", step, result.stopped)
+                    break
+            result.last_eval = self.evaluate(result.steps)
+            if self.d.is_main:
+                save_pretrained(self.policy, self.tokenizer, info.run_dir / "model")
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if self.d.is_main:
+                self.plugins.on_run_end(info, {**result.last_train, **result.last_eval}, error)
+        return result
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        """This process's micro-batches for optimizer step ``step`` (1-based), on the device."""
+        train = self.splits.train
+        indices = global_batch_indices(step - 1, len(train), self.global_batch, self.resolved.recipe.seed)
+        mine = indices[self.d.rank * self.per_rank : (self.d.rank + 1) * self.per_rank]
+        size = self.spec.batch_size
+        return [
+            _to_device(self.data.collate([train[i] for i in mine[j : j + size]]), self.d.device)
+            for j in range(0, len(mine), size)
+        ]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        started = time.perf_counter()
+        batches = self.micro_batches(step)
+        # Each loss is divided by its unit count over the whole global batch (every
+        # micro-batch on every process), known before any backward: accumulation and
+        # DDP then give exactly the gradient of one large batch.
+        counts = torch.stack(
+            [torch.stack([loss.count(b) for b in batches]).sum().float() for loss in self.losses]
+        ).to(self.d.device)
+        self.d.all_reduce(counts)
+        denominators = counts.clamp(min=1.0)
+        # DDP averages gradients over processes; scale by world size so the result is a sum.
+        scale = float(self.d.world_size)
+
+        self.policy.train()
+        n_losses = len(self.losses)
+        sums = torch.zeros(n_losses, device=self.d.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        tokens = torch.zeros((), device=self.d.device)
+        penalty = self.update.penalty(unwrap(self.policy))
+        for j, batch in enumerate(batches):
+            last = j == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not self.d.enabled else self.policy.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    total = torch.zeros((), device=self.d.device)
+                    for i, loss in enumerate(self.losses):
+                        out = loss(self.models, batch)
+                        total = total + self.weights[i] * out.sum / denominators[i]
+                        sums[i] += out.sum.detach().float()
+                        for name, value in out.metrics.items():
+                            key = name if n_losses == 1 else f"{self.resolved.losses[i].name}/{name}"
+                            metric_sums[key] = metric_sums.get(key, 0) + value.detach().float() / denominators[i]
+                    if penalty is not None and j == 0:
+                        total = total + penalty / scale
+                    total = total * scale
+                self._backward(total)
+            tokens += _count_tokens(batch)
+
+        # One all-reduce and one host sync per optimizer step, for logging and the NaN guard.
+        names = list(metric_sums)
+        packed = torch.cat([sums, torch.stack([metric_sums[n] for n in names]) if names else sums[:0], tokens[None]])
+        self.d.all_reduce(packed)
+        values = packed.tolist()
+        per_loss = [values[i] / denominators[i].item() for i in range(n_losses)]
+        loss_value = sum(w * v for w, v in zip(self.weights, per_loss))
+        if penalty is not None:
+            loss_value += float(penalty.detach())
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = ckpt.latest_checkpoint(self.info.run_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise TrainingError(
+                f"step {step}: the loss is {loss_value} (not finite); stopped before applying this update, "
+                f"{kept}. Lower update.learning_rate, use precision bf16 rather than fp16, or check the data"
+            )
+
+        grad_norm = self._optimizer_step()
+        elapsed = time.perf_counter() - started
+        metrics: dict[str, float] = {
+            "loss": loss_value,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": values[-1],
+            "tokens_per_s": values[-1] / elapsed if elapsed > 0 else 0.0,
+            "step_time": elapsed,
+        }
+        if n_losses > 1:
+            metrics.update({f"{c.name}/loss": v for c, v in zip(self.resolved.losses, per_loss)})
+        metrics.update({n: v for n, v in zip(names, values[n_losses : n_losses + len(names)])})
+        return metrics
+
+    def _backward(self, total: torch.Tensor) -> None:
+        scaler = self.precision.scaler
+        (scaler.scale(total) if scaler is not None else total).backward()
+
+    def _optimizer_step(self) -> float:
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        max_norm = self.update.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"))
+        if scaler is not None:
+            scaler.step(self.optimizer)  # skips the step when gradients overflowed
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- evaluation, checkpoints, metrics ---------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Evaluation loss on this process's share of the eval split, then the evaluators."""
+        examples: Sequence[Example] = self.splits.eval
+        if not examples and not self.evaluators:
+            return {}
+        metrics: dict[str, float] = {}
+        was_training = self.policy.training
+        self.policy.eval()
+        if examples:
+            metrics.update(self._eval_loss(examples))
+        if self.d.is_main:
+            model = unwrap(self.policy)
+            for _, evaluator in self.evaluators:
+                with self.precision.autocast():
+                    metrics.update(evaluator(model, self.tokenizer, examples))
+            self._write({"split": "eval", "step": step, **metrics})
+            self.plugins.on_eval_end(self.info, step, metrics)
+        self.d.barrier()
+        self.policy.train(was_training)
+        return metrics
+
+    def _eval_loss(self, examples: Sequence[Example]) -> dict[str, float]:
+        size = self.spec.eval_batch_size or self.spec.batch_size
+        mine = list(range(self.d.rank, len(examples), self.d.world_size))
+        totals = torch.zeros(2 * len(self.losses), device=self.d.device)
+        for j in range(0, len(mine), size):
+            batch = _to_device(self.data.collate([examples[i] for i in mine[j : j + size]]), self.d.device)
+            with self.precision.autocast():
+                for i, loss in enumerate(self.losses):
+                    out = loss(self.models, batch)
+                    totals[2 * i] += out.sum.float()
+                    totals[2 * i + 1] += out.count.float()
+        values = self.d.all_reduce(totals).tolist()
+        per_loss = [values[2 * i] / max(values[2 * i + 1], 1.0) for i in range(len(self.losses))]
+        out = {"eval_loss": sum(w * v for w, v in zip(self.weights, per_loss))}
+        if len(self.losses) > 1:
+            out.update({f"eval_{c.name}/loss": v for c, v in zip(self.resolved.losses, per_loss)})
+        return out
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.d.is_main:
+            path = ckpt.save_checkpoint(
+                self.info.run_dir,
+                step,
+                unwrap(self.policy),
+                self.optimizer,
+                self.scheduler,
+                self.precision.scaler,
+                keep=self.spec.keep_checkpoints,
+            )
+            self.plugins.on_checkpoint_saved(self.info, step, path)
+        self.d.barrier()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with self.metrics_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")

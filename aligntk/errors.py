@@ -1,0 +1,23 @@
+"""Errors that reach the user as one line, not a traceback."""
+
+from __future__ import annotations
+
+
+class AligntkError(Exception):
+    """A mistake the user can fix (recipe, data, plugin, files). The CLI prints it in one line."""
+
+
+class RecipeError(AligntkError):
+    """The recipe is malformed: the message names the key path and what was expected."""
+
+
+class DataError(AligntkError):
+    """A data file or row is bad: the message names the file and line."""
+
+
+class PluginError(AligntkError):
+    """A plugin is broken, missing, or registers a name another plugin already has."""
+
+
+class TrainingError(AligntkError):
+    """Training cannot go on (a non-finite loss, for example); earlier checkpoints are kept."""

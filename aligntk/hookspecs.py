@@ -1,0 +1,138 @@
+"""Every hook point of aligntk.
+
+Two kinds of hook:
+
+* Registration hooks are called once at start-up. Each receives a ``register``
+  callback and calls it once per component: ``register("name", ComponentClass)``.
+  Names are global per kind; registering a name another plugin already has is an
+  error naming both plugins. The recipe picks a component by name, so nothing
+  depends on plugin order.
+* Lifecycle hooks are called on every plugin that implements them, on the main
+  process only (rank 0), in no guaranteed order. They observe the run; they do not
+  change the loop. Return values are ignored unless the hook says otherwise.
+
+A plugin is any module or object with functions decorated ``@aligntk.hookimpl``,
+listed under the ``aligntk`` entry-point group of its package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pluggy
+
+from .types import RunInfo
+
+hookspec = pluggy.HookspecMarker("aligntk")
+
+#: ``register(name, component_class)``: the callback every registration hook receives.
+Register = Callable[[str, type], None]
+
+
+# --------------------------------------------------------------------------------------
+# Registration: called once at start-up, in every plugin
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def aligntk_register_data(register: Register) -> None:
+    """Register data components: ``register("sft", SFTData)``.
+
+    A data component (``aligntk.types.DataComponent``) reads a source into examples
+    (``load(ctx) -> DataSplits``) and collates examples into a batch of tensors
+    (``collate(examples) -> Batch``). It owns tokenization, chat templates, label
+    masks and truncation, and names the file and line of any bad row. Its
+    ``provides`` lists the batch fields ``collate`` returns.
+    """
+
+
+@hookspec
+def aligntk_register_losses(register: Register) -> None:
+    """Register loss components: ``register("sft", SFTLoss)``.
+
+    A loss (``aligntk.types.LossComponent``) returns a ``LossOutput`` with a sum and
+    a count, never a mean: the engine divides by the count over the whole global
+    batch (all micro-batches, all processes). ``requires`` lists the batch fields
+    it reads, ``roles`` the models it needs (``"policy"``, and frozen ones such as
+    ``"reference"``), ``count(batch)`` the units a batch contributes.
+    """
+
+
+@hookspec
+def aligntk_register_update_steps(register: Register) -> None:
+    """Register update-step components: ``register("full", FullFineTuning)``.
+
+    An update step (``aligntk.types.UpdateStep``) prepares the policy (freezing,
+    adapters), builds the optimizer and learning-rate schedule, names the
+    gradient-clipping threshold and may add a regularizer (``penalty``).
+    """
+
+
+@hookspec
+def aligntk_register_rewards(register: Register) -> None:
+    """Register reward components: ``register("exact_match", ExactMatchReward)``.
+
+    A reward (``aligntk.types.RewardComponent``) scores generated completions:
+    ``reward(prompts, completions, **fields) -> Tensor [N]``. Online policy
+    optimization calls it on rollouts.
+    """
+
+
+@hookspec
+def aligntk_register_evaluators(register: Register) -> None:
+    """Register evaluators: ``register("exact_match", GenerationExactMatch)``.
+
+    An evaluator (``aligntk.types.Evaluator``) measures a task metric on the
+    evaluation examples: ``evaluator(model, tokenizer, examples) -> dict``. The
+    engine runs the recipe's evaluators before training, every ``eval_every``
+    steps and at the end, on the main process.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Lifecycle: called on every plugin that implements them, main process only
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def aligntk_on_run_start(run: RunInfo) -> None:
+    """Called once after models, data and optimizer are ready, before the first step.
+
+    ``run.start_step`` is non-zero when the run resumes from a checkpoint.
+    """
+
+
+@hookspec
+def aligntk_on_step_end(run: RunInfo, step: int, metrics: dict[str, float]) -> str | None:
+    """Called after each logged optimizer step with that step's metrics.
+
+    ``metrics`` holds ``loss``, ``lr``, ``grad_norm``, ``tokens``, ``tokens_per_s``,
+    ``step_time`` and each loss metric. Return a non-empty string to stop the run
+    after this step (the string is the reason, reported to the user and written to
+    the run folder); return ``None`` to go on. Any one plugin's stop request stops
+    the run.
+    """
+
+
+@hookspec
+def aligntk_on_eval_end(run: RunInfo, step: int, metrics: dict[str, float]) -> None:
+    """Called after each evaluation (``step`` 0 is the evaluation before training).
+
+    ``metrics`` holds ``eval_loss`` (when there is an evaluation split) and the
+    evaluators' metrics.
+    """
+
+
+@hookspec
+def aligntk_on_checkpoint_saved(run: RunInfo, step: int, path: Path) -> None:
+    """Called after a checkpoint for ``step`` is complete at ``path`` (renamed into place)."""
+
+
+@hookspec
+def aligntk_on_run_end(run: RunInfo, metrics: dict[str, Any], error: BaseException | None) -> None:
+    """Called once when the run ends: normally, stopped by a plugin, or by an error.
+
+    ``metrics`` holds the last step's and last evaluation's values; ``error`` is the
+    exception that ended the run, or ``None``.
+    """

@@ -1,0 +1,131 @@
+"""The plugin manager: loads every ``aligntk`` entry point and reports broken ones.
+
+A plugin that fails to import, implements a hook that does not exist, or raises in
+its registration hook is recorded as broken (with its distribution and error) and
+left out; the rest keep working.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .registry import KINDS, Registry
+
+hookimpl = pluggy.HookimplMarker("aligntk")
+ENTRY_POINT_GROUP = "aligntk"
+
+
+@dataclass
+class PluginInfo:
+    """A loaded or broken plugin, as ``aligntk plugins`` lists it."""
+
+    name: str
+    distribution: str
+    version: str
+    error: str | None = None
+
+
+@dataclass
+class Plugins:
+    """The loaded plugins, their components, and the typed lifecycle calls."""
+
+    pm: pluggy.PluginManager
+    registry: Registry
+    infos: list[PluginInfo] = field(default_factory=list)
+
+    @property
+    def broken(self) -> list[PluginInfo]:
+        return [p for p in self.infos if p.error is not None]
+
+    def versions(self) -> dict[str, str]:
+        return {p.name: f"{p.distribution} {p.version}" for p in self.infos if p.error is None}
+
+    # Typed wrappers around the untyped pm.hook calls.
+    def on_run_start(self, run: Any) -> None:
+        self.pm.hook.aligntk_on_run_start(run=run)
+
+    def on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> str | None:
+        reasons = [r for r in self.pm.hook.aligntk_on_step_end(run=run, step=step, metrics=metrics) if r]
+        return "; ".join(reasons) or None
+
+    def on_eval_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        self.pm.hook.aligntk_on_eval_end(run=run, step=step, metrics=metrics)
+
+    def on_checkpoint_saved(self, run: Any, step: int, path: Any) -> None:
+        self.pm.hook.aligntk_on_checkpoint_saved(run=run, step=step, path=path)
+
+    def on_run_end(self, run: Any, metrics: dict[str, Any], error: BaseException | None) -> None:
+        self.pm.hook.aligntk_on_run_end(run=run, metrics=metrics, error=error)
+
+
+def _error_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
+    """Load every installed ``aligntk`` plugin, plus ``extra`` plugin objects by name.
+
+    ``extra`` is for tests and embedding: objects registered exactly like entry points.
+    """
+    pm = pluggy.PluginManager("aligntk")
+    pm.add_hookspecs(hookspecs)
+    infos: list[PluginInfo] = []
+    candidates: list[tuple[PluginInfo, Any]] = []
+
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist else "?"
+        version = ep.dist.version if ep.dist else "?"
+        info = PluginInfo(ep.name, dist, version)
+        infos.append(info)
+        try:
+            candidates.append((info, ep.load()))
+        except Exception as exc:  # a broken third-party import must not break the CLI
+            info.error = f"failed to import {ep.value!r}: {_error_line(exc)}"
+    for name, obj in (extra or {}).items():
+        info = PluginInfo(name, "(in-process)", "-")
+        infos.append(info)
+        candidates.append((info, obj))
+
+    for info, obj in candidates:
+        if pm.get_plugin(info.name) is not None:
+            info.error = f"a plugin named {info.name!r} is already loaded"
+            continue
+        try:
+            pm.register(obj, name=info.name)
+            pm.check_pending()  # a hookimpl that matches no hookspec fails loudly
+        except pluggy.PluginValidationError as exc:
+            if pm.is_registered(obj):
+                pm.unregister(obj)
+            info.error = _error_line(exc)
+
+    registry = Registry()
+    for kind, hook_name in KINDS.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            info = next(i for i in infos if i.name == impl.plugin_name)
+            register = functools.partial(_register, registry, kind, impl.plugin_name)
+            try:
+                impl.function(register=register)
+            except PluginError:
+                raise  # duplicate names are the user's install problem: name both plugins
+            except Exception as exc:
+                info.error = f"{hook_name} raised {_error_line(exc)}"
+    # A plugin whose registration failed contributes nothing, not half its components.
+    for info in infos:
+        if info.error is not None:
+            for reg in registry.by_plugin(info.name):
+                del registry.components[reg.kind][reg.name]
+            plugin = pm.get_plugin(info.name)
+            if plugin is not None:
+                pm.unregister(plugin)
+    return Plugins(pm, registry, infos)
+
+
+def _register(registry: Registry, kind: str, plugin: str, name: str, cls: type) -> None:
+    registry.add(kind, name, cls, plugin)

@@ -1,0 +1,198 @@
+"""The data types and component protocols shared by the engine and every plugin.
+
+A component is a small class registered under a name. It declares its options as a
+pydantic model in ``Config`` and is built as ``Component(config)``. The recipe names
+the component; the engine calls it directly. Nothing here knows any method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+#: A collated micro-batch: tensors keyed by field name (``input_ids`` ``[B, T]`` ...).
+Batch = dict[str, Any]
+#: One example as a data component prepares it (token id lists, reference text ...).
+Example = dict[str, Any]
+
+
+class ComponentConfig(BaseModel):
+    """Base for component options: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+@dataclass
+class LossOutput:
+    """What a loss returns for one micro-batch.
+
+    Attributes:
+        sum: scalar tensor, the loss summed over the units of this micro-batch (never a mean).
+        count: scalar tensor, the number of units (tokens or sequences) in the sum. It must
+            equal ``loss.count(batch)``; the engine divides by the count over the global batch.
+        metrics: scalar tensors summed over the same units; the engine reports ``value / count``.
+    """
+
+    sum: torch.Tensor
+    count: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Models(Mapping[str, torch.nn.Module]):
+    """The models of a run by role: ``policy`` (trained) and frozen ones a loss declares.
+
+    Frozen models (``reference``, ``teacher``, ``reward`` ...) are wrapped so that calling
+    them runs in eval mode under ``torch.no_grad()``.
+    """
+
+    def __init__(self, models: Mapping[str, torch.nn.Module]):
+        self._models = dict(models)
+
+    def __getitem__(self, role: str) -> torch.nn.Module:
+        try:
+            return self._models[role]
+        except KeyError:
+            raise KeyError(f"no model with role {role!r}; this run has {sorted(self._models)}") from None
+
+    def __iter__(self):
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self["policy"]
+
+
+@dataclass
+class DataReport:
+    """What a data component read: rows per split, and rows skipped on purpose, by reason."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+
+@dataclass
+class DataSplits:
+    """The examples a data component prepared. ``eval`` may be empty."""
+
+    train: Sequence[Example]
+    eval: Sequence[Example] = ()
+    report: DataReport = field(default_factory=DataReport)
+
+
+@dataclass
+class DataContext:
+    """What the engine hands a data component at setup."""
+
+    tokenizer: PreTrainedTokenizerBase
+    seed: int
+    run_dir: Path | None = None
+
+
+@runtime_checkable
+class DataComponent(Protocol):
+    """Turns a source into examples, and examples into batches.
+
+    ``provides`` names the batch fields ``collate`` returns; the engine checks before
+    step one that they cover what the loss ``requires``.
+    """
+
+    Config: ClassVar[type[ComponentConfig]]
+    provides: ClassVar[frozenset[str]]
+
+    def load(self, ctx: DataContext) -> DataSplits: ...
+
+    def collate(self, examples: Sequence[Example]) -> Batch: ...
+
+
+@runtime_checkable
+class LossComponent(Protocol):
+    """Computes a summed loss over a micro-batch.
+
+    ``requires`` names the batch fields it reads; ``roles`` the models it needs
+    (``"policy"`` always; others are loaded frozen). ``count(batch)`` gives the number of
+    units in a batch without a forward pass, so the engine can normalize over the global
+    batch before any backward.
+    """
+
+    Config: ClassVar[type[ComponentConfig]]
+    requires: ClassVar[frozenset[str]]
+    roles: ClassVar[tuple[str, ...]]
+
+    def count(self, batch: Batch) -> torch.Tensor: ...
+
+    def __call__(self, models: Models, batch: Batch) -> LossOutput: ...
+
+
+@runtime_checkable
+class UpdateStep(Protocol):
+    """Decides which parameters move and how: preparation, optimizer and schedule.
+
+    ``prepare`` may freeze or wrap the policy (adapters) and returns the module to train.
+    ``configure`` builds the optimizer and learning-rate scheduler for ``total_steps``.
+    ``max_grad_norm`` (or ``None``) is the clipping threshold the engine applies.
+    ``penalty`` adds a regularizer to the step's loss (``None`` for none); it is called
+    once per optimizer step and added before the backward of the first micro-batch.
+    """
+
+    Config: ClassVar[type[ComponentConfig]]
+    max_grad_norm: float | None
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def configure(
+        self, model: torch.nn.Module, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]: ...
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None: ...
+
+
+@runtime_checkable
+class RewardComponent(Protocol):
+    """Scores generated text: one float per (prompt, completion) pair, ``[N]``."""
+
+    Config: ClassVar[type[ComponentConfig]]
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Measures a task metric on the evaluation examples (generation, accuracy ...).
+
+    Called on the main process only, with the unwrapped policy in eval mode under
+    ``torch.no_grad()``; returns metric name to value.
+    """
+
+    Config: ClassVar[type[ComponentConfig]]
+
+    def __call__(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
+    ) -> dict[str, float]: ...
+
+
+@dataclass
+class RunInfo:
+    """What lifecycle hooks see of a run."""
+
+    run_dir: Path
+    recipe: dict[str, Any]
+    max_steps: int
+    start_step: int
+    world_size: int
+    device: str
+    trainable_parameters: int
+    total_parameters: int

@@ -1,0 +1,354 @@
+"""Supervised fine-tuning data: prompt/completion pairs or chat conversations, labelled on outputs.
+
+A row is either ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", "content"},
+...]}`` ending with an assistant message. Labels follow the Hugging Face convention: aligned
+with ``input_ids`` (the loss shifts them), ``-100`` where no loss is taken.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, PositiveInt, model_validator
+
+from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalPath
+from aligntk.datafiles import describe_type, read_rows
+
+IGNORE_INDEX = -100
+
+Truncation = Literal["right", "left", "drop", "error"]
+
+
+class SFTDataConfig(ComponentConfig):
+    """Options of the ``sft`` data component.
+
+    Attributes:
+        path: the training file (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``).
+        eval_path: an evaluation file in the same formats.
+        eval_fraction: without ``eval_path``, the share of training rows held out for
+            evaluation (a shuffle seeded with the run's seed picks them).
+        max_length: the most tokens in one sequence.
+        truncation: what to do with a longer sequence. ``right`` cuts its end; ``left`` cuts
+            the start of the prompt and keeps the completion (cutting the completion's end
+            only if it alone is too long); ``drop`` skips the row; ``error`` stops.
+        include_prompt: also train on the prompt tokens.
+        add_eos: append the end-of-sequence token to each completion (prompt/completion rows;
+            chat templates add their own end-of-turn tokens).
+        prompt_key: the column holding the prompt.
+        completion_key: the column holding the completion.
+        messages_key: the column holding a conversation.
+    """
+
+    path: LocalPath
+    eval_path: LocalPath | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    max_length: PositiveInt = 512
+    truncation: Truncation = "right"
+    include_prompt: bool = False
+    add_eos: bool = True
+    prompt_key: str = "prompt"
+    completion_key: str = "completion"
+    messages_key: str = "messages"
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> SFTDataConfig:
+        if self.eval_path is not None and self.eval_fraction > 0:
+            raise ValueError("give 'eval_path' or 'eval_fraction', not both")
+        return self
+
+
+@dataclass
+class _Pair:
+    where: str
+    prompt: str
+    completion: str
+
+
+@dataclass
+class _Chat:
+    where: str
+    messages: list[dict[str, Any]]
+
+
+@dataclass
+class _Encoded:
+    """A tokenized row before truncation. ``prompt_len`` tokens precede the last completion."""
+
+    where: str
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+    prompt_ids: list[int]
+    reference: str
+
+
+class SFTData:
+    """Prompt/completion or chat rows, tokenized with loss on the completion tokens.
+
+    Each example is ``{"input_ids", "labels", "prompt_ids", "reference"}``: evaluators generate
+    from ``prompt_ids`` (not truncated) and compare with ``reference`` (the completion, or the
+    last assistant message).
+    """
+
+    Config = SFTDataConfig
+    provides = frozenset({"input_ids", "attention_mask", "labels"})
+
+    def __init__(self, config: SFTDataConfig):
+        self.config = config
+        self.pad_token_id: int | None = None
+
+    # ----------------------------------------------------------------------------------
+    # Loading
+    # ----------------------------------------------------------------------------------
+
+    def load(self, ctx: DataContext) -> DataSplits:
+        """Read, check and tokenize the training (and evaluation) rows.
+
+        Raises:
+            DataError: a file or row is bad (the message names the file and line), the
+                tokenizer has no pad token, or a file yields no usable example.
+        """
+        tokenizer = ctx.tokenizer
+        if tokenizer.pad_token_id is None:
+            raise DataError(
+                "the tokenizer has no pad token; name one in the recipe, for example model.pad_token: '</s>'"
+            )
+        self.pad_token_id = tokenizer.pad_token_id
+        report = DataReport()
+        train = self._read(self.config.path, tokenizer, report)
+        if self.config.eval_path is not None:
+            eval_ = self._read(self.config.eval_path, tokenizer, report)
+        elif self.config.eval_fraction > 0:
+            train, eval_ = _hold_out(train, self.config.eval_fraction, ctx.seed, self.config.path)
+        else:
+            eval_ = []
+        report.rows = {"train": len(train), "eval": len(eval_)}
+        return DataSplits(train=train, eval=eval_, report=report)
+
+    def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
+        rows = [self._parse(where, row) for where, row in read_rows(path)]
+        if not rows:
+            raise DataError(f"{path}: the file has no rows")
+        examples = []
+        skipped = DataReport()
+        for row in rows:
+            encoded = self._encode_pair(row, tokenizer) if isinstance(row, _Pair) else self._encode_chat(row, tokenizer)
+            example = self._fit(encoded, skipped)
+            if example is not None:
+                examples.append(example)
+        if not examples:
+            raise DataError(f"{path}: every row was skipped ({_reasons(skipped)})")
+        for reason, n in skipped.skipped.items():
+            report.skip(reason, n)
+        return examples
+
+    def _parse(self, where: str, row: dict[str, Any]) -> _Pair | _Chat:
+        """Check a row's shape: a conversation, or a prompt and a completion."""
+        c = self.config
+        if row.get(c.messages_key) is not None:
+            return _Chat(where, _check_messages(row[c.messages_key], where, c.messages_key))
+        if c.prompt_key in row and c.completion_key in row:
+            for key in (c.prompt_key, c.completion_key):
+                if not isinstance(row[key], str):
+                    raise DataError(f"{where}: {key!r} must be a string, got {describe_type(row[key])}")
+            return _Pair(where, row[c.prompt_key], row[c.completion_key])
+        raise DataError(
+            f"{where}: expected {c.prompt_key!r} and {c.completion_key!r} strings or a {c.messages_key!r} "
+            f"list (got keys {sorted(row)})"
+        )
+
+    # ----------------------------------------------------------------------------------
+    # Tokenizing
+    # ----------------------------------------------------------------------------------
+
+    def _encode_pair(self, row: _Pair, tokenizer: Any) -> _Encoded:
+        prompt_ids = tokenizer(row.prompt, add_special_tokens=True)["input_ids"]
+        completion_ids = tokenizer(row.completion, add_special_tokens=False)["input_ids"]
+        if self.config.add_eos:
+            if tokenizer.eos_token_id is None:
+                raise DataError(f"{row.where}: the tokenizer has no eos token to append; set data.add_eos: false")
+            completion_ids = [*completion_ids, tokenizer.eos_token_id]
+        prompt_labels = list(prompt_ids) if self.config.include_prompt else [IGNORE_INDEX] * len(prompt_ids)
+        return _Encoded(
+            where=row.where,
+            input_ids=[*prompt_ids, *completion_ids],
+            labels=[*prompt_labels, *completion_ids],
+            prompt_len=len(prompt_ids),
+            prompt_ids=list(prompt_ids),
+            reference=row.completion,
+        )
+
+    def _encode_chat(self, row: _Chat, tokenizer: Any) -> _Encoded:
+        text, spans, prompt_text = _assistant_spans(row, tokenizer)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids: list[int] = enc["input_ids"]
+        offsets: list[tuple[int, int]] = enc["offset_mapping"]
+        # A token is an output token if it overlaps an assistant span: a token straddling the
+        # boundary (BPE merging a template space into the first word) still carries content.
+        labelled = [any(start < e and end > s for s, e in spans) for start, end in offsets]
+        labels = [
+            tok if (keep or self.config.include_prompt) else IGNORE_INDEX for tok, keep in zip(input_ids, labelled)
+        ]
+        last_start = spans[-1][0]
+        prompt_len = next((i for i, (_, end) in enumerate(offsets) if end > last_start), len(offsets))
+        return _Encoded(
+            where=row.where,
+            input_ids=input_ids,
+            labels=labels,
+            prompt_len=prompt_len,
+            prompt_ids=tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+            reference=row.messages[-1]["content"],
+        )
+
+    # ----------------------------------------------------------------------------------
+    # Truncating
+    # ----------------------------------------------------------------------------------
+
+    def _fit(self, enc: _Encoded, report: DataReport) -> Example | None:
+        """Apply the truncation policy; ``None`` for a row skipped (and counted in ``report``)."""
+        ids, labels = enc.input_ids, enc.labels
+        limit, policy = self.config.max_length, self.config.truncation
+        if len(ids) > limit:
+            if policy == "drop":
+                report.skip("longer than max_length")
+                return None
+            if policy == "error":
+                raise DataError(
+                    f"{enc.where}: {len(ids)} tokens, longer than max_length {limit}; raise data.max_length "
+                    "or set data.truncation to right, left or drop"
+                )
+            if policy == "left":
+                cut = min(len(ids) - limit, enc.prompt_len)
+                ids, labels = ids[cut:], labels[cut:]
+            ids, labels = ids[:limit], labels[:limit]
+        # The first label is never a target (nothing predicts it), so it alone teaches nothing.
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            report.skip("no completion tokens after truncation")
+            return None
+        return {"input_ids": ids, "labels": labels, "prompt_ids": enc.prompt_ids, "reference": enc.reference}
+
+    # ----------------------------------------------------------------------------------
+    # Batching
+    # ----------------------------------------------------------------------------------
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Right-pad examples to the longest one in the micro-batch.
+
+        Returns:
+            ``input_ids`` ``[B, T]`` (padded with the pad token), ``attention_mask`` ``[B, T]``
+            (1 real, 0 padding) and ``labels`` ``[B, T]`` (padded with ``-100``), all int64.
+        """
+        if self.pad_token_id is None:
+            raise RuntimeError("SFTData.collate needs load() first (it takes the pad token from the tokenizer)")
+        width = max(len(e["input_ids"]) for e in examples)
+        input_ids, attention_mask, labels = [], [], []
+        for e in examples:
+            n = len(e["input_ids"])
+            pad = width - n
+            input_ids.append([*e["input_ids"], *[self.pad_token_id] * pad])
+            attention_mask.append([1] * n + [0] * pad)
+            labels.append([*e["labels"], *[IGNORE_INDEX] * pad])
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_messages(messages: Any, where: str, key: str) -> list[dict[str, Any]]:
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: {key!r} must be a list of messages, got {describe_type(messages)}")
+    if not messages:
+        raise DataError(f"{where}: {key!r} is an empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(
+                f"{where}: {key}[{i}] must be an object with 'role' and 'content', got {describe_type(message)}"
+            )
+        for field in ("role", "content"):
+            value = message.get(field)
+            if not isinstance(value, str):
+                raise DataError(f"{where}: {key}[{i}].{field} must be a string, got {describe_type(value)}")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(
+            f"{where}: the last message must be the assistant's (the completion to learn), "
+            f"got role {messages[-1]['role']!r}"
+        )
+    if messages[0]["role"] == "assistant":
+        raise DataError(
+            f"{where}: the conversation starts with the assistant; it needs a message before the first reply"
+        )
+    return messages
+
+
+def _assistant_spans(row: _Chat, tokenizer: Any) -> tuple[str, list[tuple[int, int]], str]:
+    """Render a conversation and find where each assistant message lies in the text.
+
+    An assistant message ``i`` spans from the end of ``messages[:i]`` rendered with the
+    generation prompt to the end of ``messages[:i + 1]``. Both renderings must be prefixes
+    of the whole conversation's, or the spans would be wrong.
+
+    Returns:
+        ``(text, spans, prompt_text)``: the rendered conversation, the ``(start, end)``
+        character spans of the assistant messages, and the rendering that precedes the
+        last one (the prompt to generate from).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{row.where}: the row has messages but the tokenizer has no chat template; "
+            "use a tokenizer with one, or prompt/completion rows"
+        )
+
+    def render(messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # templates raise whatever their authors chose (raise_exception, TypeError ...)
+            raise DataError(f"{row.where}: the chat template failed on this conversation: {exc}") from None
+
+    text = render(row.messages)
+    spans: list[tuple[int, int]] = []
+    prompt_text = ""
+    for i, message in enumerate(row.messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(row.messages[:i], generation_prompt=True)
+        through = render(row.messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise DataError(
+                f"{row.where}: the tokenizer's chat template is not incremental (rendering the first {i} "
+                "messages is not a prefix of rendering the whole conversation), so the assistant "
+                "messages cannot be located"
+            )
+        spans.append((len(before), len(through)))
+        prompt_text = before
+    return text, spans, prompt_text
+
+
+def _hold_out(examples: list[Example], fraction: float, seed: int, path: Path) -> tuple[list[Example], list[Example]]:
+    """Split off ``fraction`` of the examples (at least one) by a seeded shuffle; both keep file order."""
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise DataError(
+            f"{path}: {len(examples)} usable rows are too few to hold out eval_fraction {fraction} "
+            "and keep some for training"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    eval_ = [e for i, e in enumerate(examples) if i in held]
+    return train, eval_
+
+
+def _reasons(report: DataReport) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in report.skipped.items())

@@ -1,0 +1,210 @@
+"""The engine: exact accumulation, exact resume, precision, the NaN guard, the run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aligntk import AligntkError, TrainingError, hookimpl
+from aligntk.engine import global_batch_indices
+from aligntk.testing import read_metrics, run_recipe
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        if atol == 0.0:
+            assert torch.equal(wa[name], wb[name]), name
+        else:
+            torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=1e-5, msg=name)
+
+
+def test_global_batches_cover_every_example_once_per_epoch() -> None:
+    n, size = 10, 4
+    stream = [i for step in range(5) for i in global_batch_indices(step, n, size, seed=3)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # a fresh order each epoch
+    assert global_batch_indices(2, n, size, seed=3) == stream[8:12]
+
+
+def test_accumulation_equals_one_large_batch(tiny: dict[str, Any], tmp_path: Path) -> None:
+    # The tiny data has prompts of 4 to 6 characters, so micro-batches differ in length
+    # and in how many output tokens they hold: a per-micro-batch mean would differ.
+    big = run_recipe(tiny, ["train.max_steps=1", "train.batch_size=8", f"output_dir={tmp_path / 'big'}"])
+    small = run_recipe(
+        tiny,
+        ["train.max_steps=1", "train.batch_size=2", "train.grad_accum=4", f"output_dir={tmp_path / 'small'}"],
+    )
+    (b,), (s,) = read_metrics(big.run_dir), read_metrics(small.run_dir)
+    assert math.isclose(b["loss"], s["loss"], rel_tol=1e-6)
+    # The gradient norm (before clipping) is that of the global gradient.
+    assert math.isclose(b["grad_norm"], s["grad_norm"], rel_tol=1e-5)
+    assert b["tokens"] == s["tokens"]
+    # Adam's first step is lr * g / (|g| + eps): float noise in tiny gradient entries
+    # shows at ~1e-6, while per-micro-batch means would move weights by ~lr (3e-3).
+    assert_same_weights(big.run_dir, small.run_dir, atol=2e-5)
+
+
+class Crash:
+    """A lifecycle plugin that interrupts the run after a given step, like a killed job."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    @hookimpl
+    def aligntk_on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_ends_with_the_same_weights(tiny: dict[str, Any], tmp_path: Path) -> None:
+    common = ["train.max_steps=8", "train.save_every=3", "train.grad_accum=2", "update.warmup_steps=2"]
+    full = run_recipe(tiny, [*common, f"output_dir={tmp_path / 'full'}"])
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tiny, [*common, f"output_dir={broken}"], plugins={"crash": Crash(at=5)})
+    assert [p.name for p in (broken / "checkpoints").iterdir()] == ["step-00000003"]
+    resumed = run_recipe(tiny, [*common, f"output_dir={broken}"], resume=True)
+    assert resumed.steps == 8
+    assert_same_weights(full.run_dir, resumed.run_dir)
+    # The metrics of the resumed steps equal the uninterrupted run's.
+    tail = {r["step"]: r["loss"] for r in read_metrics(broken)}
+    for r in read_metrics(full.run_dir):
+        assert tail[r["step"]] == pytest.approx(r["loss"], rel=1e-6)
+
+
+def test_bf16_autocast_runs_on_cpu_and_the_loss_falls(tiny: dict[str, Any]) -> None:
+    result = run_recipe(tiny, ["train.max_steps=30", "train.precision=bf16", "train.batch_size=8"])
+    losses = [r["loss"] for r in read_metrics(result.run_dir)]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert result.last_eval["eval_loss"] < result.first_eval["eval_loss"]
+
+
+def test_fp16_autocast_with_gradient_scaler_runs(tiny: dict[str, Any]) -> None:
+    result = run_recipe(tiny, ["train.max_steps=3", "train.precision=fp16"])
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(result.run_dir))
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny: dict[str, Any], tmp_path: Path) -> None:
+    a = run_recipe(tiny, ["train.max_steps=2", f"output_dir={tmp_path / 'a'}"])
+    b = run_recipe(tiny, ["train.max_steps=2", "train.gradient_checkpointing=true", f"output_dir={tmp_path / 'b'}"])
+    assert_same_weights(a.run_dir, b.run_dir, atol=1e-6)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny: dict[str, Any], tmp_path: Path) -> None:
+    from aligntk_sft import SFTLoss
+
+    class DivergingLoss(SFTLoss):
+        """The SFT loss until its fifth call, then NaN, as a diverging run would give."""
+
+        calls = 0
+
+        def __call__(self, models: Any, batch: dict) -> Any:
+            out = super().__call__(models, batch)
+            DivergingLoss.calls += 1
+            if DivergingLoss.calls >= 5:
+                out.sum = out.sum * float("nan")
+            return out
+
+    class Plugin:
+        @hookimpl
+        def aligntk_register_losses(self, register: Any) -> None:
+            register("diverging", DivergingLoss)
+
+    run_dir = tmp_path / "nan"
+    recipe = {**tiny, "loss": {"name": "diverging"}, "data": {**tiny["data"], "eval_path": None}}
+    with pytest.raises(TrainingError, match=r"step 5: the loss is nan .*step-00000004"):
+        run_recipe(recipe, ["train.max_steps=10", "train.save_every=2", f"output_dir={run_dir}"], plugins={"d": Plugin()})
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000002", "step-00000004"]
+    good = load_file(str(run_dir / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    assert not (run_dir / "model").exists()
+
+
+def test_an_existing_run_is_never_overwritten_silently(tiny: dict[str, Any]) -> None:
+    first = run_recipe(tiny, ["train.max_steps=1"])
+    before = (first.run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(AligntkError, match="already holds a run.*--resume.*--overwrite"):
+        run_recipe(tiny, ["train.max_steps=1"])
+    assert (first.run_dir / "metrics.jsonl").read_text() == before
+    with pytest.raises(AligntkError, match="no complete checkpoint"):
+        run_recipe(tiny, ["train.max_steps=1"], resume=True)
+    run_recipe(tiny, ["train.max_steps=2"], overwrite=True)
+    assert len(read_metrics(first.run_dir)) == 2
+
+
+def test_run_folder_holds_recipe_plugins_metrics_and_a_loadable_model(tiny: dict[str, Any]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = run_recipe(tiny, ["train.max_steps=2", "train.eval_every=1"])
+    d = result.run_dir
+    saved = (d / "recipe.yaml").read_text()
+    assert "learning_rate: 0.003" in saved and "truncation:" in saved  # defaults filled in
+    assert "sft" in json.loads((d / "plugins.json").read_text())
+    record = read_metrics(d)[0]
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time"} <= record.keys()
+    assert [r["step"] for r in read_metrics(d, "eval")] == [0, 1, 2]
+    model = AutoModelForCausalLM.from_pretrained(d / "model")
+    tokenizer = AutoTokenizer.from_pretrained(d / "model")
+    ids = torch.tensor([tokenizer("1+1=")["input_ids"]])
+    assert model(input_ids=ids).logits.shape[-1] == len(tokenizer)
+
+
+def test_a_plugin_can_stop_the_run(tiny: dict[str, Any]) -> None:
+    class StopAt3:
+        @hookimpl
+        def aligntk_on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> str | None:
+            return "enough" if step == 3 else None
+
+    result = run_recipe(tiny, ["train.max_steps=10"], plugins={"stop": StopAt3()})
+    assert result.steps == 3 and result.stopped == "enough"
+    assert (result.run_dir / "model" / "model.safetensors").exists()
+
+
+def test_the_reference_role_defaults_to_a_frozen_copy_of_the_policy(tiny: dict[str, Any]) -> None:
+    from aligntk import ComponentConfig, LossOutput
+
+    seen: dict[str, Any] = {}
+
+    class DriftLoss:
+        """Squared distance of policy logits from the reference's: zero at the start."""
+
+        Config = ComponentConfig
+        requires = frozenset({"input_ids", "attention_mask"})
+        roles = ("policy", "reference")
+
+        def __init__(self, config: ComponentConfig):
+            pass
+
+        def count(self, batch: dict) -> torch.Tensor:
+            return batch["attention_mask"].sum()
+
+        def __call__(self, models: Any, batch: dict) -> LossOutput:
+            policy = models.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            ref = models["reference"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            seen.setdefault("ref_requires_grad", ref.requires_grad)
+            mask = batch["attention_mask"][..., None]
+            return LossOutput(sum=((policy.float() - ref.float()) ** 2 * mask).sum(), count=batch["attention_mask"].sum())
+
+    class Plugin:
+        @hookimpl
+        def aligntk_register_losses(self, register: Any) -> None:
+            register("drift", DriftLoss)
+
+    result = run_recipe({**tiny, "loss": {"name": "drift"}}, ["train.max_steps=1"], plugins={"drift": Plugin()})
+    assert seen["ref_requires_grad"] is False
+    assert read_metrics(result.run_dir)[0]["loss"] == 0.0
