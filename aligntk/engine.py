@@ -86,24 +86,38 @@ def _count_tokens(batch: Batch) -> torch.Tensor:
     return torch.tensor(ids.numel() if ids is not None else 0)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Check the run folder; return the checkpoint to resume from (or ``None``)."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to write over an earlier run by accident; return the checkpoint to resume from."""
     if resume:
         found = ckpt.latest_checkpoint(run_dir)
         if found is None:
             raise AligntkError(f"{run_dir}: --resume was given but there is no complete checkpoint to resume from")
         return found
     used = [m for m in _RUN_MARKERS if (run_dir / m).exists()]
-    if used:
-        if not overwrite:
-            raise AligntkError(
-                f"{run_dir} already holds a run ({', '.join(used)}); pass --resume to continue it, "
-                "--overwrite to replace it, or set output_dir to a new folder"
-            )
-        for m in used:
-            target = run_dir / m
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if used and not overwrite:
+        raise AligntkError(
+            f"{run_dir} already holds a run ({', '.join(used)}); pass --resume to continue it, "
+            "--overwrite to replace it, or set output_dir to a new folder"
+        )
     return None
+
+
+def start_run_dir(run_dir: Path, resolved: ResolvedRecipe, plugins: Plugins, splits: DataSplits, fresh: bool) -> None:
+    """Called once set-up has succeeded, so a recipe or data mistake never touches an earlier run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for m in _RUN_MARKERS:  # only reached with --overwrite when a run is there
+            target = run_dir / m
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved.dump(), sort_keys=False))
+        (run_dir / "plugins.json").write_text(json.dumps(plugins.versions(), indent=2))
+    report = splits.report
+    (run_dir / "data_report.json").write_text(json.dumps({"rows": report.rows, "skipped": report.skipped}, indent=2))
+    for reason, n in report.skipped.items():
+        log.warning("data: skipped %d row(s): %s (see %s)", n, reason, run_dir / "data_report.json")
 
 
 def train(
@@ -114,16 +128,8 @@ def train(
     d = init_distributed(spec.device)
     run_dir = Path(recipe.output_dir)
     try:
-        resume_from = prepare_run_dir(run_dir, resume, overwrite) if d.is_main else None
-        d.barrier()
-        if resume and not d.is_main:
-            resume_from = ckpt.latest_checkpoint(run_dir)
+        resume_from = check_run_dir(run_dir, resume, overwrite)
         base_dir = resolved.source.resolve().parent if resolved.source else Path.cwd()
-        if d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if resume_from is None:
-                (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved.dump(), sort_keys=False))
-                (run_dir / "plugins.json").write_text(json.dumps(plugins.versions(), indent=2))
 
         torch.manual_seed(recipe.seed)  # same initial weights on every process
         tokenizer = load_tokenizer(recipe.model, base_dir)
@@ -140,8 +146,6 @@ def train(
         splits = data.load(DataContext(tokenizer=tokenizer, seed=recipe.seed, run_dir=run_dir))
         if not splits.train:
             raise AligntkError(f"data: the {resolved.data.name!r} data gave no training examples")
-        if d.is_main:
-            _report_data(run_dir, splits)
 
         update = resolved.update.build()
         policy = update.prepare(policy).to(d.device)
@@ -161,6 +165,9 @@ def train(
                 policy, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
         models["policy"] = policy
+        if d.is_main:
+            start_run_dir(run_dir, resolved, plugins, splits, fresh=resume_from is None)
+        d.barrier()
 
         info = RunInfo(
             run_dir=run_dir,
@@ -200,13 +207,6 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _report_data(run_dir: Path, splits: DataSplits) -> None:
-    report = splits.report
-    (run_dir / "data_report.json").write_text(json.dumps({"rows": report.rows, "skipped": report.skipped}, indent=2))
-    for reason, n in report.skipped.items():
-        log.warning("data: skipped %d row(s): %s (see %s)", n, reason, run_dir / "data_report.json")
 
 
 @dataclass

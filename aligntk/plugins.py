@@ -93,37 +93,43 @@ def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
         infos.append(info)
         candidates.append((info, obj))
 
+    loaded: dict[str, Any] = {}  # plugin name -> object, for plugins that registered cleanly
     for info, obj in candidates:
-        if pm.get_plugin(info.name) is not None:
-            info.error = f"a plugin named {info.name!r} is already loaded"
+        if info.name in loaded:
+            first = next(i for i in infos if i.name == info.name and i.error is None)
+            info.error = f"plugin name {info.name!r} is taken by {first.distribution}; rename one entry point"
             continue
         try:
             pm.register(obj, name=info.name)
             pm.check_pending()  # a hookimpl that matches no hookspec fails loudly
-        except pluggy.PluginValidationError as exc:
+        except (pluggy.PluginValidationError, ValueError) as exc:
             if pm.is_registered(obj):
                 pm.unregister(obj)
             info.error = _error_line(exc)
+            continue
+        loaded[info.name] = obj
 
     registry = Registry()
+    failed: set[str] = set()
     for kind, hook_name in KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            info = next(i for i in infos if i.name == impl.plugin_name)
-            register = functools.partial(_register, registry, kind, impl.plugin_name)
-            try:
-                impl.function(register=register)
-            except PluginError:
-                raise  # duplicate names are the user's install problem: name both plugins
-            except Exception as exc:
-                info.error = f"{hook_name} raised {_error_line(exc)}"
+            info = next(i for i in infos if i.name == impl.plugin_name and i.error is None)
+            if impl.hookwrapper or impl.wrapper:
+                info.error = f"{hook_name} must be a plain hook, not a wrapper"
+            else:
+                try:
+                    impl.function(register=functools.partial(_register, registry, kind, impl.plugin_name))
+                    continue
+                except PluginError:
+                    raise  # a duplicate name is the user's install problem: name both plugins
+                except Exception as exc:
+                    info.error = f"{hook_name} raised {_error_line(exc)}"
+            failed.add(info.name)
     # A plugin whose registration failed contributes nothing, not half its components.
-    for info in infos:
-        if info.error is not None:
-            for reg in registry.by_plugin(info.name):
-                del registry.components[reg.kind][reg.name]
-            plugin = pm.get_plugin(info.name)
-            if plugin is not None:
-                pm.unregister(plugin)
+    for name in failed:
+        for reg in registry.by_plugin(name):
+            del registry.components[reg.kind][reg.name]
+        pm.unregister(loaded.pop(name))
     return Plugins(pm, registry, infos)
 
 
