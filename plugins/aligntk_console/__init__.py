@@ -30,7 +30,7 @@ class ConsoleReporter:
     """Holds the live progress bar between hook calls."""
 
     def __init__(self) -> None:
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)
         self.progress: Progress | None = None
         self.task: Any = None
         self.every = 1
