@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .errors import AligntkError, DataError, PluginError, RecipeError, TrainingError
 from .plugins import hookimpl, load_plugins
-from .recipe import LocalPath
+from .recipe import LocalFile, LocalPath
 from .types import (
     Batch,
     ComponentConfig,
@@ -38,6 +38,7 @@ __all__ = [
     "DataSplits",
     "Evaluator",
     "Example",
+    "LocalFile",
     "LocalPath",
     "LossComponent",
     "LossOutput",

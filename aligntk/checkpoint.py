@@ -35,6 +35,7 @@ def save_checkpoint(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     keep: int,
+    trainer_state: dict[str, Any],
 ) -> Path:
     """Write the checkpoint for ``step`` atomically; keep the newest ``keep`` checkpoints."""
     root = checkpoint_dir(run_dir)
@@ -51,7 +52,7 @@ def save_checkpoint(
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     torch.save(state, tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}))
     _fsync_dir(tmp)
     if final.exists():  # a re-run of the same step after a resume: replace it
         shutil.rmtree(final)
@@ -81,12 +82,13 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
-) -> int:
-    """Restore everything ``save_checkpoint`` wrote; return the step it was taken at."""
+) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` wrote; return its trainer state (``step`` ...)."""
     try:
         load_model(model, str(path / "model.safetensors"))
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-        step = int(json.loads((path / "trainer_state.json").read_text())["step"])
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        int(trainer_state["step"])
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise AligntkError(f"{path}: cannot resume from this checkpoint: {exc}".splitlines()[0]) from None
     optimizer.load_state_dict(state["optimizer"])
@@ -96,7 +98,7 @@ def load_checkpoint(
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return step
+    return trainer_state
 
 
 def _fsync_dir(path: Path) -> None:

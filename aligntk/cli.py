@@ -72,6 +72,8 @@ def run(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) 
         raise AligntkError("--resume and --overwrite contradict each other; give one")
     plugins = _plugins()
     result = train(_resolve(recipe, overrides, plugins), plugins, resume=resume, overwrite=overwrite)
+    if not result.is_main:
+        return  # under torchrun, the main process reports
     click.echo(f"run folder: {result.run_dir}  (model in {result.run_dir / 'model'})")
     if result.stopped:
         click.echo(f"stopped early at step {result.steps}: {result.stopped}")

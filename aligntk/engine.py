@@ -49,6 +49,7 @@ class RunResult:
     last_eval: dict[str, float] = field(default_factory=dict)
     last_train: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None
+    is_main: bool = True
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,6 +147,10 @@ def train(
         splits = data.load(DataContext(tokenizer=tokenizer, seed=recipe.seed, run_dir=run_dir))
         if not splits.train:
             raise AligntkError(f"data: the {resolved.data.name!r} data gave no training examples")
+        if resolved.evaluators and not splits.eval:
+            raise AligntkError(
+                "evaluators: there are no evaluation examples to run them on; set data.eval_path or data.eval_fraction"
+            )
 
         update = resolved.update.build()
         policy = update.prepare(policy).to(d.device)
@@ -153,10 +158,12 @@ def train(
             _enable_checkpointing(unwrap(policy))
         optimizer, scheduler = update.configure(policy, spec.max_steps)
         precision = Precision(spec.precision, d.device)
-        start_step = 0
+        trainer_state: dict[str, Any] = {"step": 0}
         if resume_from is not None:
-            start_step = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, precision.scaler)
-            log.info("resuming from %s (step %d)", resume_from, start_step)
+            _check_same_recipe(run_dir, resolved)
+            trainer_state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, precision.scaler)
+            log.info("resuming from %s (step %d)", resume_from, trainer_state["step"])
+        start_step = int(trainer_state["step"])
         trainable, total = count_parameters(policy)
         if trainable == 0:
             raise AligntkError(f"update {resolved.update.name!r}: no parameter is trainable")
@@ -167,6 +174,8 @@ def train(
         models["policy"] = policy
         if d.is_main:
             start_run_dir(run_dir, resolved, plugins, splits, fresh=resume_from is None)
+            if resume_from is not None:
+                _drop_metrics_after(run_dir / "metrics.jsonl", start_step)
         d.barrier()
 
         info = RunInfo(
@@ -196,9 +205,44 @@ def train(
             scheduler=scheduler,
             precision=precision,
         )
+        trainer.tokens_seen = int(trainer_state.get("tokens_seen", 0))
         return trainer.fit()
     finally:
         shutdown(d)
+
+
+def _check_same_recipe(run_dir: Path, resolved: ResolvedRecipe) -> None:
+    """A resumed run must use the recipe it started with, or it would not end where that run would."""
+    saved_file = run_dir / "recipe.yaml"
+    if not saved_file.exists():
+        return
+    saved = yaml.safe_load(saved_file.read_text())
+    now = resolved.dump()
+    changed = _diff_keys(saved, now)
+    if changed:
+        raise AligntkError(
+            f"{run_dir}: --resume with a recipe that differs from the run's ({', '.join(changed[:5])}); "
+            "resume with the same recipe, or start a new run in another output_dir"
+        )
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [k for i, (x, y) in enumerate(zip(a, b)) for k in _diff_keys(x, y, f"{prefix}{i}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget records past the checkpoint being resumed: those steps run again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _enable_checkpointing(model: torch.nn.Module) -> None:
@@ -235,38 +279,48 @@ class _Trainer:
         self.per_rank = spec.batch_size * spec.grad_accum
         self.global_batch = self.per_rank * self.d.world_size
         self.metrics_file = self.info.run_dir / "metrics.jsonl"
+        self.tokens_seen = 0
+        names = [c.name for c in self.resolved.losses]
+        # Metric prefixes: the loss name, with its index when a recipe uses a loss twice.
+        self.loss_keys = [n if names.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(names)]
 
     # -- the loop ---------------------------------------------------------------------
 
     def fit(self) -> RunResult:
         info, spec = self.info, self.spec
-        result = RunResult(run_dir=info.run_dir, steps=info.start_step)
+        result = RunResult(run_dir=info.run_dir, steps=info.start_step, is_main=self.d.is_main)
         error: BaseException | None = None
-        if self.d.is_main:
-            self.plugins.on_run_start(info)
+        evaluated_at = -1
         try:
+            if self.d.is_main:
+                self.plugins.on_run_start(info)
             if info.start_step == 0:
-                result.first_eval = self.evaluate(0)
-            tokens_seen = 0
+                result.first_eval, evaluated_at = self.evaluate(0), 0
             for step in range(info.start_step + 1, spec.max_steps + 1):
                 metrics = self.train_step(step)
-                tokens_seen += int(metrics["tokens"])
-                metrics["tokens_seen"] = tokens_seen
+                self.tokens_seen += int(metrics["tokens"])
+                metrics["tokens_seen"] = self.tokens_seen
                 result.steps, result.last_train = step, metrics
-                stop = None
+                stop, hook_error = None, None
                 if self.d.is_main and (step % spec.log_every == 0 or step == spec.max_steps):
                     self._write({"split": "train", "step": step, **metrics})
-                    stop = self.plugins.on_step_end(info, step, metrics)
+                    try:
+                        stop = self.plugins.on_step_end(info, step, metrics)
+                    except BaseException as exc:  # tell the other processes before raising
+                        hook_error, stop = exc, f"a lifecycle hook raised {type(exc).__name__}"
                 if self.d.broadcast_flag(stop is not None):
                     result.stopped = stop or "stopped by a plugin on the main process"
+                if hook_error is not None:
+                    raise hook_error
                 if spec.eval_every and step % spec.eval_every == 0 and step != spec.max_steps:
-                    result.last_eval = self.evaluate(step)
+                    result.last_eval, evaluated_at = self.evaluate(step), step
                 if spec.save_every and step % spec.save_every == 0:
                     self.save_checkpoint(step)
                 if result.stopped:
                     log.warning("stopping after step %d: %s", step, result.stopped)
                     break
-            result.last_eval = self.evaluate(result.steps)
+            if evaluated_at != result.steps:
+                result.last_eval = self.evaluate(result.steps)
             if self.d.is_main:
                 save_pretrained(self.policy, self.tokenizer, info.run_dir / "model")
         except BaseException as exc:
@@ -319,7 +373,7 @@ class _Trainer:
                         total = total + self.weights[i] * out.sum / denominators[i]
                         sums[i] += out.sum.detach().float()
                         for name, value in out.metrics.items():
-                            key = name if n_losses == 1 else f"{self.resolved.losses[i].name}/{name}"
+                            key = name if n_losses == 1 else f"{self.loss_keys[i]}/{name}"
                             metric_sums[key] = metric_sums.get(key, 0) + value.detach().float() / denominators[i]
                     if penalty is not None and j == 0:
                         total = total + penalty / scale
@@ -327,11 +381,12 @@ class _Trainer:
                 self._backward(total)
             tokens += _count_tokens(batch)
 
+        grad_norm = self._unscale_and_clip()
         # One all-reduce and one host sync per optimizer step, for logging and the NaN guard.
         names = list(metric_sums)
         packed = torch.cat([sums, torch.stack([metric_sums[n] for n in names]) if names else sums[:0], tokens[None]])
         self.d.all_reduce(packed)
-        values = packed.tolist()
+        values = torch.cat([packed, grad_norm.detach().float()[None]]).tolist()
         per_loss = [values[i] / denominators[i].item() for i in range(n_losses)]
         loss_value = sum(w * v for w, v in zip(self.weights, per_loss))
         if penalty is not None:
@@ -344,19 +399,19 @@ class _Trainer:
                 f"step {step}: the loss is {loss_value} (not finite); stopped before applying this update, "
                 f"{kept}. Lower update.learning_rate, use precision bf16 rather than fp16, or check the data"
             )
-
-        grad_norm = self._optimizer_step()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        self._optimizer_step()
         elapsed = time.perf_counter() - started
         metrics: dict[str, float] = {
             "loss": loss_value,
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "tokens": values[-1],
-            "tokens_per_s": values[-1] / elapsed if elapsed > 0 else 0.0,
+            "lr": lr,
+            "grad_norm": values[-1],
+            "tokens": values[-2],
+            "tokens_per_s": values[-2] / elapsed if elapsed > 0 else 0.0,
             "step_time": elapsed,
         }
         if n_losses > 1:
-            metrics.update({f"{c.name}/loss": v for c, v in zip(self.resolved.losses, per_loss)})
+            metrics.update({f"{k}/loss": v for k, v in zip(self.loss_keys, per_loss)})
         metrics.update({n: v for n, v in zip(names, values[n_losses : n_losses + len(names)])})
         return metrics
 
@@ -364,12 +419,15 @@ class _Trainer:
         scaler = self.precision.scaler
         (scaler.scale(total) if scaler is not None else total).backward()
 
-    def _optimizer_step(self) -> float:
-        scaler = self.precision.scaler
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """The global gradient norm before clipping (gradients are unscaled first under fp16)."""
+        if self.precision.scaler is not None:
+            self.precision.scaler.unscale_(self.optimizer)
         max_norm = self.update.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"))
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"))
+
+    def _optimizer_step(self) -> None:
+        scaler = self.precision.scaler
         if scaler is not None:
             scaler.step(self.optimizer)  # skips the step when gradients overflowed
             scaler.update()
@@ -377,7 +435,6 @@ class _Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
 
     # -- evaluation, checkpoints, metrics ---------------------------------------------
 
@@ -418,7 +475,7 @@ class _Trainer:
         per_loss = [values[2 * i] / max(values[2 * i + 1], 1.0) for i in range(len(self.losses))]
         out = {"eval_loss": sum(w * v for w, v in zip(self.weights, per_loss))}
         if len(self.losses) > 1:
-            out.update({f"eval_{c.name}/loss": v for c, v in zip(self.resolved.losses, per_loss)})
+            out.update({f"eval_{k}/loss": v for k, v in zip(self.loss_keys, per_loss)})
         return out
 
     def save_checkpoint(self, step: int) -> None:
@@ -431,6 +488,7 @@ class _Trainer:
                 self.scheduler,
                 self.precision.scaler,
                 keep=self.spec.keep_checkpoints,
+                trainer_state={"tokens_seen": self.tokens_seen},
             )
             self.plugins.on_checkpoint_saved(self.info, step, path)
         self.d.barrier()

@@ -19,5 +19,9 @@ class PluginError(AligntkError):
     """A plugin is broken, missing, or registers a name another plugin already has."""
 
 
+class DuplicateComponentError(PluginError):
+    """Two plugins registered the same component name: the message names both."""
+
+
 class TrainingError(AligntkError):
     """Training cannot go on (a non-finite loss, for example); earlier checkpoints are kept."""

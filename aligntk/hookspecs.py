@@ -107,8 +107,9 @@ def aligntk_on_run_start(run: RunInfo) -> None:
 def aligntk_on_step_end(run: RunInfo, step: int, metrics: dict[str, float]) -> str | None:
     """Called after each logged optimizer step with that step's metrics.
 
-    ``metrics`` holds ``loss``, ``lr``, ``grad_norm``, ``tokens``, ``tokens_per_s``,
-    ``step_time`` and each loss metric. Return a non-empty string to stop the run
+    ``metrics`` holds ``loss``, ``lr`` (the rate this step used), ``grad_norm``
+    (before clipping), ``tokens``, ``tokens_seen``, ``tokens_per_s``, ``step_time``
+    and each loss metric. Return a non-empty string to stop the run
     after this step (the string is the reason, reported to the user and written to
     the run folder); return ``None`` to go on. Any one plugin's stop request stops
     the run.
@@ -126,7 +127,11 @@ def aligntk_on_eval_end(run: RunInfo, step: int, metrics: dict[str, float]) -> N
 
 @hookspec
 def aligntk_on_checkpoint_saved(run: RunInfo, step: int, path: Path) -> None:
-    """Called after a checkpoint for ``step`` is complete at ``path`` (renamed into place)."""
+    """Called after a checkpoint for ``step`` is complete at ``path`` (renamed into place).
+
+    Checkpoints beyond ``train.keep_checkpoints`` are already deleted; return values
+    are ignored.
+    """
 
 
 @hookspec

@@ -15,7 +15,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import DuplicateComponentError
 from .registry import KINDS, Registry
 
 hookimpl = pluggy.HookimplMarker("aligntk")
@@ -66,7 +66,7 @@ class Plugins:
 
 
 def _error_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
@@ -103,7 +103,7 @@ def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
             pm.register(obj, name=info.name)
             pm.check_pending()  # a hookimpl that matches no hookspec fails loudly
         except (pluggy.PluginValidationError, ValueError) as exc:
-            if pm.is_registered(obj):
+            if pm.get_plugin(info.name) is obj:  # not an object already loaded under another name
                 pm.unregister(obj)
             info.error = _error_line(exc)
             continue
@@ -120,8 +120,8 @@ def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
                 try:
                     impl.function(register=functools.partial(_register, registry, kind, impl.plugin_name))
                     continue
-                except PluginError:
-                    raise  # a duplicate name is the user's install problem: name both plugins
+                except DuplicateComponentError:
+                    raise  # the user's install problem: name both plugins
                 except Exception as exc:
                     info.error = f"{hook_name} raised {_error_line(exc)}"
             failed.add(info.name)

@@ -41,8 +41,16 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return value
 
 
+def _must_exist(value: Path) -> Path:
+    if not value.exists():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
 #: A path in a recipe, resolved relative to the recipe file's folder. Use it in component configs.
 LocalPath = Annotated[Path, AfterValidator(_resolve_path)]
+#: A ``LocalPath`` that must exist when the recipe is validated (input files).
+LocalFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_exist)]
 
 
 class StrictModel(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from .errors import PluginError, RecipeError
+from .errors import DuplicateComponentError, PluginError, RecipeError
 
 #: Component kinds, in the order ``aligntk plugins`` lists them, and their hook names.
 KINDS: dict[str, str] = {
@@ -40,7 +40,7 @@ class Registry:
             raise PluginError(f"plugin {plugin!r}: {kind} {name!r} ({cls!r}) has no Config options model")
         existing = self.components[kind].get(name)
         if existing is not None:
-            raise PluginError(
+            raise DuplicateComponentError(
                 f"{kind} {name!r} is registered twice: by plugin {existing.plugin!r} and by plugin {plugin!r}; "
                 "uninstall one of them or rename its component"
             )

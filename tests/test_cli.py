@@ -55,7 +55,9 @@ def test_bad_recipe_is_one_line(tiny: dict[str, Any], tmp_path: Path) -> None:
 
 def test_missing_data_file_names_it(tiny: dict[str, Any], tmp_path: Path) -> None:
     recipe = {**tiny, "data": {**tiny["data"], "path": str(tmp_path / "missing.jsonl")}}
-    one_line_error(invoke("run", write(tmp_path, recipe)), "missing.jsonl: data file not found")
+    path = write(tmp_path, recipe)
+    for command in ("validate", "run"):  # found before any model loads
+        one_line_error(invoke(command, path), f"data.path: file not found: {tmp_path / 'missing.jsonl'}")
 
 
 def test_bad_data_row_names_file_and_line_and_keeps_earlier_output(tiny: dict[str, Any], tmp_path: Path) -> None:

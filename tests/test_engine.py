@@ -208,3 +208,28 @@ def test_the_reference_role_defaults_to_a_frozen_copy_of_the_policy(tiny: dict[s
     result = run_recipe({**tiny, "loss": {"name": "drift"}}, ["train.max_steps=1"], plugins={"drift": Plugin()})
     assert seen["ref_requires_grad"] is False
     assert read_metrics(result.run_dir)[0]["loss"] == 0.0
+
+
+def test_resume_keeps_metrics_and_refuses_a_changed_recipe(tiny: dict[str, Any], tmp_path: Path) -> None:
+    common = ["train.max_steps=6", "train.save_every=2", f"output_dir={tmp_path / 'r'}"]
+    full = run_recipe(tiny, [*common[:2], f"output_dir={tmp_path / 'full'}"])
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tiny, common, plugins={"crash": Crash(at=3)})
+    with pytest.raises(AligntkError, match=r"recipe that differs from the run's \(update.learning_rate\)"):
+        run_recipe(tiny, [*common, "update.learning_rate=0.1"], resume=True)
+    resumed = run_recipe(tiny, common, resume=True)
+    records = read_metrics(resumed.run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # step 3 ran twice, logged once
+    assert [r["tokens_seen"] for r in records] == [r["tokens_seen"] for r in read_metrics(full.run_dir)]
+
+
+def test_logged_learning_rate_is_the_one_the_step_used(tiny: dict[str, Any]) -> None:
+    result = run_recipe(tiny, ["train.max_steps=4", "update.warmup_steps=2", "update.schedule=constant"])
+    assert [r["lr"] for r in read_metrics(result.run_dir)] == pytest.approx([0.0, 1.5e-3, 3e-3, 3e-3])
+
+
+def test_evaluators_need_evaluation_examples(tiny: dict[str, Any]) -> None:
+    recipe = {**tiny, "data": {**tiny["data"], "eval_path": None}, "evaluators": [{"name": "exact_match"}]}
+    with pytest.raises(AligntkError, match="evaluators: there are no evaluation examples"):
+        run_recipe(recipe)
+    assert not Path(tiny["output_dir"]).exists()

@@ -102,6 +102,10 @@ def test_data_must_provide_what_the_loss_reads(tiny: dict[str, Any], registry: A
 def test_paths_resolve_relative_to_the_recipe_file(tmp_path: Path, registry: Any, tiny: dict[str, Any]) -> None:
     recipe = {**tiny, "data": {"name": "sft", "path": "data/train.jsonl"}}
     path = write(tmp_path, recipe)
+    with pytest.raises(RecipeError, match=r"r\.yaml: data\.path: file not found: .*data/train\.jsonl"):
+        validate_recipe(read_recipe(path), registry, source=path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")
     resolved = validate_recipe(read_recipe(path), registry, source=path)
     assert resolved.data.config.path == tmp_path / "data" / "train.jsonl"
 

@@ -246,8 +246,14 @@ def test_row_that_is_not_an_object(tmp_path, tok):
 
 
 def test_missing_file(tmp_path, tok):
-    with pytest.raises(DataError, match=r"nope\.jsonl: data file not found"):
+    # The recipe's options refuse a missing file before anything loads ...
+    with pytest.raises(ValueError, match=r"file not found: .*nope\.jsonl"):
         load(tmp_path / "nope.jsonl", tok)
+    # ... and the reader says the same if it disappears in between.
+    from aligntk.datafiles import read_rows
+
+    with pytest.raises(DataError, match=r"nope\.jsonl: data file not found"):
+        list(read_rows(tmp_path / "nope.jsonl"))
 
 
 def test_unknown_extension(tmp_path, tok):
@@ -405,10 +411,12 @@ def test_collate_right_pads(tmp_path, tok):
     assert batch["labels"][1].tolist() == [M] * 6 + ids(tok, "42") + [eos]
 
 
-def test_collate_before_load_is_an_error():
+def test_collate_before_load_is_an_error(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
     with pytest.raises(RuntimeError, match="load"):
-        SFTData(SFTData.Config(path="train.jsonl")).collate([{"input_ids": [1], "labels": [1]}])
+        SFTData(SFTData.Config(path=tmp_path / "train.jsonl")).collate([{"input_ids": [1], "labels": [1]}])
 
 
-def test_is_a_data_component():
-    assert isinstance(SFTData(SFTData.Config(path="train.jsonl")), DataComponent)
+def test_is_a_data_component(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    assert isinstance(SFTData(SFTData.Config(path=tmp_path / "train.jsonl")), DataComponent)

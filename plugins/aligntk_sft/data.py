@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, PositiveInt, model_validator
 
-from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalPath
+from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalFile
 from aligntk.datafiles import describe_type, read_rows
 
 IGNORE_INDEX = -100
@@ -44,8 +44,8 @@ class SFTDataConfig(ComponentConfig):
         messages_key: the column holding a conversation.
     """
 
-    path: LocalPath
-    eval_path: LocalPath | None = None
+    path: LocalFile
+    eval_path: LocalFile | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_length: PositiveInt = 512
     truncation: Truncation = "right"
