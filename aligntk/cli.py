@@ -106,3 +106,6 @@ def plugins_cmd() -> None:
             continue
         for reg in plugins.registry.by_plugin(info.name):
             click.echo(f"    {reg.kind:<9} {reg.name}")
+        hooks = plugins.lifecycle_hooks(info.name)
+        if hooks:
+            click.echo(f"    {'hooks':<9} {', '.join(hooks)}")

@@ -344,6 +344,10 @@ class _Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
+        for loss in self.losses:
+            start_step = getattr(loss, "start_step", None)
+            if start_step is not None:
+                start_step(step, self.spec.max_steps)
         batches = self.micro_batches(step)
         # Each loss is divided by its unit count over the whole global batch (every
         # micro-batch on every process), known before any backward: accumulation and

@@ -44,6 +44,15 @@ class Plugins:
     def broken(self) -> list[PluginInfo]:
         return [p for p in self.infos if p.error is not None]
 
+    def lifecycle_hooks(self, name: str) -> list[str]:
+        """The lifecycle hooks plugin ``name`` implements (``on_step_end`` ...)."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is None:
+            return []
+        callers = self.pm.get_hookcallers(plugin) or []
+        registration = set(KINDS.values())
+        return sorted(c.name.removeprefix("aligntk_") for c in callers if c.name not in registration)
+
     def versions(self) -> dict[str, str]:
         return {p.name: f"{p.distribution} {p.version}" for p in self.infos if p.error is None}
 

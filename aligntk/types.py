@@ -126,6 +126,10 @@ class LossComponent(Protocol):
     (``"policy"`` always; others are loaded frozen). ``count(batch)`` gives the number of
     units in a batch without a forward pass, so the engine can normalize over the global
     batch before any backward.
+
+    Optional: a loss whose value follows the training schedule (a coefficient ramped
+    over a warm-up fraction, say) defines ``start_step(step, max_steps)``; the engine
+    calls it before each optimizer step (``step`` counts from 1).
     """
 
     Config: ClassVar[type[ComponentConfig]]

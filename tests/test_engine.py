@@ -233,3 +233,21 @@ def test_evaluators_need_evaluation_examples(tiny: dict[str, Any]) -> None:
     with pytest.raises(AligntkError, match="evaluators: there are no evaluation examples"):
         run_recipe(recipe)
     assert not Path(tiny["output_dir"]).exists()
+
+
+def test_losses_with_a_schedule_hear_each_step(tiny: dict[str, Any]) -> None:
+    from aligntk_sft import SFTLoss
+
+    seen: list[tuple[int, int]] = []
+
+    class Scheduled(SFTLoss):
+        def start_step(self, step: int, max_steps: int) -> None:
+            seen.append((step, max_steps))
+
+    class Plugin:
+        @hookimpl
+        def aligntk_register_losses(self, register: Any) -> None:
+            register("scheduled", Scheduled)
+
+    run_recipe({**tiny, "loss": {"name": "scheduled"}}, ["train.max_steps=3"], plugins={"s": Plugin()})
+    assert seen == [(1, 3), (2, 3), (3, 3)]
