@@ -147,6 +147,12 @@ def train(
         splits = data.load(DataContext(tokenizer=tokenizer, seed=recipe.seed, run_dir=run_dir))
         if not splits.train:
             raise AligntkError(f"data: the {resolved.data.name!r} data gave no training examples")
+        for loss in resolved.losses:
+            if getattr(loss.cls, "whole_batch", False) and (spec.grad_accum > 1 or d.world_size > 1):
+                raise AligntkError(
+                    f"loss {loss.name!r} computes statistics over the whole batch, so it needs one micro-batch per "
+                    f"step: set train.grad_accum: 1 and run one process (raise train.batch_size instead)"
+                )
         if resolved.evaluators and not splits.eval:
             raise AligntkError(
                 "evaluators: there are no evaluation examples to run them on; set data.eval_path or data.eval_fraction"

@@ -127,6 +127,10 @@ class LossComponent(Protocol):
     units in a batch without a forward pass, so the engine can normalize over the global
     batch before any backward.
 
+    Optional: ``whole_batch = True`` declares a loss that needs the whole global
+    batch in one call (a statistic over the batch, such as a quantile threshold); the
+    engine then refuses ``train.grad_accum > 1`` or several processes.
+
     Optional: a loss whose value follows the training schedule (a coefficient ramped
     over a warm-up fraction, say) defines ``start_step(step, max_steps)``; the engine
     calls it before each optimizer step (``step`` counts from 1).

@@ -251,3 +251,20 @@ def test_losses_with_a_schedule_hear_each_step(tiny: dict[str, Any]) -> None:
 
     run_recipe({**tiny, "loss": {"name": "scheduled"}}, ["train.max_steps=3"], plugins={"s": Plugin()})
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_whole_batch_losses_refuse_accumulation(tiny: dict[str, Any]) -> None:
+    from aligntk_sft import SFTLoss
+
+    class WholeBatch(SFTLoss):
+        whole_batch = True
+
+    class Plugin:
+        @hookimpl
+        def aligntk_register_losses(self, register: Any) -> None:
+            register("whole", WholeBatch)
+
+    recipe = {**tiny, "loss": {"name": "whole"}}
+    with pytest.raises(AligntkError, match="loss 'whole' computes statistics over the whole batch"):
+        run_recipe(recipe, ["train.grad_accum=2"], plugins={"w": Plugin()})
+    assert run_recipe(recipe, ["train.max_steps=1"], plugins={"w": Plugin()}, overwrite=True).steps == 1
