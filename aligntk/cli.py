@@ -45,7 +45,38 @@ def _resolve(recipe: str, overrides: tuple[str, ...], plugins: Plugins) -> Resol
     return validate_recipe(read_recipe(recipe, overrides), plugins.registry, source=recipe)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The root group: built-in commands, plus those plugins add, loaded on first use."""
+
+    def _plugin_commands(self) -> None:
+        if getattr(self, "_loaded", False):
+            return
+        self._loaded = True
+        builtin = set(self.commands)
+        plugins = load_plugins()
+        for impl in plugins.pm.hook.aligntk_register_commands.get_hookimpls():
+            before = dict(self.commands)
+            try:
+                impl.function(cli=self)
+            except Exception as exc:
+                click.echo(f"warning: plugin {impl.plugin_name!r} failed to add its commands: {exc}", err=True)
+                self.commands = before
+                continue
+            for name in builtin & set(self.commands):
+                if self.commands[name] is not before[name]:
+                    raise click.ClickException(f"plugin {impl.plugin_name!r} adds a command {name!r} that aligntk has")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands:
+            self._plugin_commands()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aligntk")
 def main() -> None:
     """aligntk: fine-tune language models from a YAML recipe.
@@ -56,6 +87,8 @@ def main() -> None:
     aligntk plugins                                list plugins and components
     """
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+
+
 
 
 @main.command()

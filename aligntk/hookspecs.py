@@ -90,6 +90,17 @@ def aligntk_register_evaluators(register: Register) -> None:
     """
 
 
+@hookspec
+def aligntk_register_commands(cli: Any) -> None:
+    """Add commands to the ``aligntk`` command line: ``cli.add_command(my_click_command)``.
+
+    ``cli`` is the root ``click.Group``. A method whose workflow spans several runs
+    (the weak-to-strong protocol, say) adds its command here; it should build its
+    runs with ``aligntk.engine.train`` so they share the engine. A command name that
+    is already taken is an error naming the plugin.
+    """
+
+
 # --------------------------------------------------------------------------------------
 # Lifecycle: called on every plugin that implements them, main process only
 # --------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class Plugins:
         if plugin is None:
             return []
         callers = self.pm.get_hookcallers(plugin) or []
-        registration = set(KINDS.values())
+        registration = {*KINDS.values(), "aligntk_register_commands"}
         return sorted(c.name.removeprefix("aligntk_") for c in callers if c.name not in registration)
 
     def versions(self) -> dict[str, str]:

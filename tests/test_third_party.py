@@ -189,3 +189,10 @@ def test_example_loss_passes_the_contract(tiny, eps):
 def test_example_loss_rejects_bad_options(options):
     with pytest.raises(ValidationError):
         LabelSmoothedSFTLossConfig(**options)
+
+
+def test_a_plugin_adds_a_command():
+    proc = aligntk_cli("example-echo", "hello", "there")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "example: hello there"
+    assert "example-echo" in aligntk_cli("--help").stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import click
 import torch
 from pydantic import Field
 
@@ -92,3 +93,15 @@ def aligntk_register_losses(register: Any) -> None:
 @hookimpl
 def aligntk_on_step_end(run: Any, step: int, metrics: dict[str, float]) -> None:
     STEPS.append(step)
+
+
+@click.command("example-echo")
+@click.argument("words", nargs=-1)
+def echo(words: tuple[str, ...]) -> None:
+    """Print WORDS back (a command a plugin adds to `aligntk`)."""
+    click.echo("example: " + " ".join(words))
+
+
+@hookimpl
+def aligntk_register_commands(cli: Any) -> None:
+    cli.add_command(echo)
