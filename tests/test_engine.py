@@ -268,3 +268,19 @@ def test_whole_batch_losses_refuse_accumulation(tiny: dict[str, Any]) -> None:
     with pytest.raises(AligntkError, match="loss 'whole' computes statistics over the whole batch"):
         run_recipe(recipe, ["train.grad_accum=2"], plugins={"w": Plugin()})
     assert run_recipe(recipe, ["train.max_steps=1"], plugins={"w": Plugin()}, overwrite=True).steps == 1
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny: dict[str, Any], tmp_path: Path) -> None:
+    a = run_recipe(tiny, ["train.max_steps=2", f"output_dir={tmp_path / 'a'}"])
+    b = run_recipe(tiny, ["train.max_steps=2", f"output_dir={tmp_path / 'b'}"])
+    c = run_recipe(tiny, ["train.max_steps=2", "seed=1", f"output_dir={tmp_path / 'c'}"])
+    assert_same_weights(a.run_dir, b.run_dir)
+    assert not torch.equal(weights(a.run_dir)["lm_head.weight"], weights(c.run_dir)["lm_head.weight"])
+
+
+def test_a_saved_model_folder_is_a_starting_point(tiny: dict[str, Any], tmp_path: Path) -> None:
+    first = run_recipe(tiny, ["train.max_steps=3", f"output_dir={tmp_path / 'first'}"])
+    # Continue from the saved folder: model and tokenizer both come from it.
+    recipe = {**tiny, "model": {"path": str(first.run_dir / "model")}}
+    second = run_recipe(recipe, ["train.max_steps=1", f"output_dir={tmp_path / 'second'}"])
+    assert second.first_eval["eval_loss"] == pytest.approx(first.last_eval["eval_loss"], rel=1e-5)
