@@ -80,9 +80,10 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def _count_tokens(batch: Batch) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        return mask.sum()
+    """Non-pad tokens: every ``*attention_mask`` field (preference batches have two)."""
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask") and isinstance(v, torch.Tensor)]
+    if masks:
+        return sum(m.sum() for m in masks)
     ids = batch.get("input_ids")
     return torch.tensor(ids.numel() if ids is not None else 0)
 
@@ -473,7 +474,9 @@ class _Trainer:
     def _eval_loss(self, examples: Sequence[Example]) -> dict[str, float]:
         size = self.spec.eval_batch_size or self.spec.batch_size
         mine = list(range(self.d.rank, len(examples), self.d.world_size))
-        totals = torch.zeros(2 * len(self.losses), device=self.d.device)
+        n = len(self.losses)
+        totals = torch.zeros(2 * n, device=self.d.device)
+        metric_sums: dict[tuple[int, str], torch.Tensor] = {}
         for j in range(0, len(mine), size):
             batch = _to_device(self.data.collate([examples[i] for i in mine[j : j + size]]), self.d.device)
             with self.precision.autocast():
@@ -481,12 +484,19 @@ class _Trainer:
                     out = loss(self.models, batch)
                     totals[2 * i] += out.sum.float()
                     totals[2 * i + 1] += out.count.float()
-        values = self.d.all_reduce(totals).tolist()
-        per_loss = [values[2 * i] / max(values[2 * i + 1], 1.0) for i in range(len(self.losses))]
-        out = {"eval_loss": sum(w * v for w, v in zip(self.weights, per_loss))}
-        if len(self.losses) > 1:
-            out.update({f"eval_{k}/loss": v for k, v in zip(self.loss_keys, per_loss)})
-        return out
+                    for name, value in out.metrics.items():
+                        metric_sums[i, name] = metric_sums.get((i, name), 0) + value.float()
+        keys = list(metric_sums)
+        packed = torch.cat([totals, torch.stack([metric_sums[k] for k in keys]) if keys else totals[:0]])
+        values = self.d.all_reduce(packed).tolist()
+        counts = [max(values[2 * i + 1], 1.0) for i in range(n)]
+        per_loss = [values[2 * i] / counts[i] for i in range(n)]
+        result = {"eval_loss": sum(w * v for w, v in zip(self.weights, per_loss))}
+        if n > 1:
+            result.update({f"eval_{k}/loss": v for k, v in zip(self.loss_keys, per_loss)})
+        for (i, name), value in zip(keys, values[2 * n :]):
+            result[f"eval_{name}" if n == 1 else f"eval_{self.loss_keys[i]}/{name}"] = value / counts[i]
+        return result
 
     def save_checkpoint(self, step: int) -> None:
         if self.d.is_main:

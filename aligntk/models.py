@@ -57,12 +57,16 @@ def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, base_dir: P
     """A model from a local folder (or hub id), or built from ``spec.config`` with random weights."""
     auto = _AUTO_CLASSES[spec.task]
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.num_labels is not None:
+        kwargs["num_labels"] = spec.num_labels
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     try:
         if spec.config is not None:
             options = dict(spec.config)
             options.setdefault("vocab_size", len(tokenizer))
+            if "num_labels" in kwargs:
+                options["num_labels"] = kwargs.pop("num_labels")
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 options.setdefault(name, getattr(tokenizer, name))
             config = AutoConfig.for_model(**options)

@@ -76,6 +76,7 @@ class ModelSpec(StrictModel):
     path: str | None = None
     config: dict[str, Any] | None = Field(default=None, description="transformers config keys, with model_type")
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    num_labels: PositiveInt | None = Field(default=None, description="classification head size (sequence_classification)")
     tokenizer: str | None = Field(default=None, description="tokenizer folder; default: the model's path")
     pad_token: str | None = Field(default=None, description="token to pad with when the tokenizer has none")
     trust_remote_code: bool = False
@@ -121,6 +122,10 @@ class Recipe(StrictModel):
     update: ComponentSpec = ComponentSpec(name="full")
     evaluators: list[ComponentSpec] = Field(default_factory=list)
     train: TrainSpec
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="options of lifecycle plugins, by plugin name; each plugin validates its own at run start",
+    )
 
     @field_validator("loss", mode="before")
     @classmethod

@@ -111,12 +111,20 @@ def _index(batch: Batch, rows: slice) -> Batch:
     return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
 
 
-def check_loss_contract(loss: LossComponent, models: Models, batch: Batch, atol: float = 1e-5) -> list[str]:
+def check_loss_contract(
+    loss: LossComponent,
+    models: Models,
+    batch: Batch,
+    atol: float = 1e-5,
+    label_fields: Sequence[str] = ("labels",),
+) -> list[str]:
     """Assert the properties every aligntk loss must have; return the names of the checks run.
 
     * ``sum`` and ``count`` are finite scalars and ``count`` equals ``loss.count(batch)``;
     * gradients reach the policy's parameters;
-    * logits at positions whose next label is ``-100`` get no gradient (when the batch has labels);
+    * logits at positions whose next label is ``-100`` get no gradient (when the batch has
+      ``label_fields``; a loss that runs ``[chosen; rejected]`` in one forward passes
+      ``("chosen_labels", "rejected_labels")``, concatenated in that order);
     * splitting the batch in two micro-batches gives the same sum and count;
     * it runs under bf16 autocast and stays close to the float32 value.
 
@@ -149,10 +157,11 @@ def check_loss_contract(loss: LossComponent, models: Models, batch: Batch, atol:
     assert any(g is not None and g.abs().sum() > 0 for g in grads), "no gradient reached the policy's parameters"
     done.append("gradients flow")
 
-    if "labels" in batch and captured:
+    if all(f in batch for f in label_fields) and captured:
         logits = captured[0]
-        ignored = torch.ones(batch["labels"].shape, dtype=torch.bool)
-        ignored[:, :-1] = batch["labels"][:, 1:] == -100  # position t predicts label t + 1
+        labels = torch.cat([batch[f] for f in label_fields])
+        ignored = torch.ones(labels.shape, dtype=torch.bool)
+        ignored[:, :-1] = labels[:, 1:] == -100  # position t predicts label t + 1
         leaked = logits.grad[ignored].abs().max().item() if ignored.any() else 0.0
         assert leaked == 0.0, f"positions with label -100 received gradient (max |grad| {leaked})"
         done.append("ignored tokens get no gradient")

@@ -1,0 +1,333 @@
+"""Preference data: a prompt with a chosen and a rejected completion, labelled on completions.
+
+A row is one of:
+
+* ``{"prompt": str, "chosen": str, "rejected": str}``: plain text. The prompt is tokenized
+  with the tokenizer's special tokens (BOS), each completion without, and EOS is appended
+  to each completion (``add_eos``).
+* ``{"prompt": [messages], "chosen": ..., "rejected": ...}``: chat. ``prompt`` is a list of
+  ``{"role", "content"}`` messages not ending with the assistant's; ``chosen`` and
+  ``rejected`` are each an assistant reply as a string or a list of assistant messages.
+  The prompt is rendered with the chat template and the generation prompt; a completion is
+  the rest of the rendering of prompt plus reply. Prompt and completion are tokenized
+  separately and concatenated (as TRL does), so both sides share the prompt's tokens.
+
+Either form may carry a number ``margin`` (how much better ``chosen`` is; default 0), read
+by the ``reward_model`` loss.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, PositiveInt, model_validator
+
+from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalFile
+from aligntk.datafiles import describe_type, read_rows
+
+IGNORE_INDEX = -100
+
+Truncation = Literal["right", "left", "drop", "error"]
+SIDES = ("chosen", "rejected")
+
+
+class PreferenceDataConfig(ComponentConfig):
+    """Options of the ``preference`` data component.
+
+    Attributes:
+        path: the training file (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``).
+        eval_path: an evaluation file in the same formats.
+        eval_fraction: without ``eval_path``, the share of training rows held out for
+            evaluation (a shuffle seeded with the run's seed picks them).
+        max_length: the most tokens in one sequence (prompt plus one completion).
+        truncation: what to do when prompt plus a completion is longer. ``right`` cuts the
+            completion's end; ``left`` cuts the start of the prompt (the same for both
+            sides) and the completion's end only if the completion alone is too long;
+            ``drop`` skips the pair; ``error`` stops.
+        add_eos: append the end-of-sequence token to each plain-text completion.
+        prompt_key, chosen_key, rejected_key, margin_key: the columns to read.
+    """
+
+    path: LocalFile
+    eval_path: LocalFile | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    max_length: PositiveInt = 512
+    truncation: Truncation = "right"
+    add_eos: bool = True
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    margin_key: str = "margin"
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> PreferenceDataConfig:
+        if self.eval_path is not None and self.eval_fraction > 0:
+            raise ValueError("give 'eval_path' or 'eval_fraction', not both")
+        return self
+
+
+@dataclass
+class _Encoded:
+    """A tokenized pair before truncation: one prompt, two completions."""
+
+    where: str
+    prompt_ids: list[int]
+    completions: dict[str, list[int]]
+    reference: str
+    margin: float
+
+
+class PreferenceData:
+    """Preference pairs, tokenized with labels on the completion tokens only.
+
+    Each example holds ``chosen_input_ids``/``chosen_labels``, ``rejected_input_ids``/
+    ``rejected_labels``, ``margin``, and for evaluators ``prompt_ids`` (not truncated) and
+    ``reference`` (the chosen completion's text).
+    """
+
+    Config = PreferenceDataConfig
+    provides = frozenset(
+        {f"{side}_{name}" for side in SIDES for name in ("input_ids", "attention_mask", "labels")} | {"margin"}
+    )
+
+    def __init__(self, config: PreferenceDataConfig):
+        self.config = config
+        self.pad_token_id: int | None = None
+
+    # ----------------------------------------------------------------------------------
+    # Loading
+    # ----------------------------------------------------------------------------------
+
+    def load(self, ctx: DataContext) -> DataSplits:
+        """Read, check and tokenize the training (and evaluation) pairs.
+
+        Raises:
+            DataError: a file or row is bad (the message names the file and line), the
+                tokenizer has no pad token, or a file yields no usable pair.
+        """
+        tokenizer = ctx.tokenizer
+        if tokenizer.pad_token_id is None:
+            raise DataError(
+                "the tokenizer has no pad token; name one in the recipe, for example model.pad_token: '</s>'"
+            )
+        self.pad_token_id = tokenizer.pad_token_id
+        report = DataReport()
+        train = self._read(self.config.path, tokenizer, report)
+        if self.config.eval_path is not None:
+            eval_ = self._read(self.config.eval_path, tokenizer, report)
+        elif self.config.eval_fraction > 0:
+            train, eval_ = _hold_out(train, self.config.eval_fraction, ctx.seed, self.config.path)
+        else:
+            eval_ = []
+        report.rows = {"train": len(train), "eval": len(eval_)}
+        return DataSplits(train=train, eval=eval_, report=report)
+
+    def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
+        encoded = [self._encode(where, row, tokenizer) for where, row in read_rows(path)]
+        if not encoded:
+            raise DataError(f"{path}: the file has no rows")
+        skipped = DataReport()
+        examples = [e for e in (self._fit(enc, skipped) for enc in encoded) if e is not None]
+        if not examples:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.skipped.items())
+            raise DataError(f"{path}: every row was skipped ({reasons})")
+        for reason, n in skipped.skipped.items():
+            report.skip(reason, n)
+        return examples
+
+    # ----------------------------------------------------------------------------------
+    # Checking and tokenizing
+    # ----------------------------------------------------------------------------------
+
+    def _encode(self, where: str, row: dict[str, Any], tokenizer: Any) -> _Encoded:
+        c = self.config
+        missing = [k for k in (c.prompt_key, c.chosen_key, c.rejected_key) if row.get(k) is None]
+        if missing:
+            raise DataError(
+                f"{where}: expected {c.prompt_key!r}, {c.chosen_key!r} and {c.rejected_key!r} "
+                f"(missing {', '.join(repr(m) for m in missing)}; got keys {sorted(row)})"
+            )
+        margin = _margin(row.get(c.margin_key), where, c.margin_key)
+        prompt = row[c.prompt_key]
+        if isinstance(prompt, str):
+            return self._encode_text(where, row, prompt, margin, tokenizer)
+        if isinstance(prompt, list):
+            return self._encode_chat(where, row, prompt, margin, tokenizer)
+        raise DataError(
+            f"{where}: {c.prompt_key!r} must be a string or a list of messages, got {describe_type(prompt)}"
+        )
+
+    def _encode_text(self, where: str, row: dict[str, Any], prompt: str, margin: float, tokenizer: Any) -> _Encoded:
+        texts = {}
+        for side, key in zip(SIDES, (self.config.chosen_key, self.config.rejected_key)):
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: {key!r} must be a string when the prompt is, got {describe_type(row[key])}")
+            texts[side] = row[key]
+        eos: list[int] = []
+        if self.config.add_eos:
+            if tokenizer.eos_token_id is None:
+                raise DataError(f"{where}: the tokenizer has no eos token to append; set data.add_eos: false")
+            eos = [tokenizer.eos_token_id]
+        completions = {s: [*tokenizer(t, add_special_tokens=False)["input_ids"], *eos] for s, t in texts.items()}
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return _Encoded(where, list(prompt_ids), completions, texts["chosen"], margin)
+
+    def _encode_chat(
+        self, where: str, row: dict[str, Any], prompt: list[Any], margin: float, tokenizer: Any
+    ) -> _Encoded:
+        c = self.config
+        messages = _check_messages(prompt, where, c.prompt_key, last_not="assistant")
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{where}: the prompt is a list of messages but the tokenizer has no chat template")
+        prompt_text = _render(tokenizer, messages, where, generation_prompt=True)
+        completions: dict[str, list[int]] = {}
+        replies: dict[str, list[dict[str, Any]]] = {}
+        for side, key in zip(SIDES, (c.chosen_key, c.rejected_key)):
+            value = row[key]
+            if isinstance(value, str):
+                value = [{"role": "assistant", "content": value}]
+            reply = _check_messages(value, where, key, only="assistant")
+            full = _render(tokenizer, [*messages, *reply], where)
+            if not full.startswith(prompt_text):
+                raise DataError(
+                    f"{where}: the chat template's rendering of the prompt with the generation prompt is not a "
+                    f"prefix of its rendering with the {key!r} reply, so the reply cannot be located"
+                )
+            completions[side] = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+            replies[side] = reply
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        return _Encoded(where, list(prompt_ids), completions, replies["chosen"][-1]["content"], margin)
+
+    # ----------------------------------------------------------------------------------
+    # Truncating
+    # ----------------------------------------------------------------------------------
+
+    def _fit(self, enc: _Encoded, report: DataReport) -> Example | None:
+        """Apply the truncation policy; ``None`` for a pair skipped (and counted in ``report``)."""
+        limit, policy = self.config.max_length, self.config.truncation
+        longest = len(enc.prompt_ids) + max(len(ids) for ids in enc.completions.values())
+        prompt = enc.prompt_ids
+        if longest > limit:
+            if policy == "drop":
+                report.skip("longer than max_length")
+                return None
+            if policy == "error":
+                raise DataError(
+                    f"{enc.where}: {longest} tokens, longer than max_length {limit}; raise data.max_length "
+                    "or set data.truncation to right, left or drop"
+                )
+            if policy == "left":
+                # Cut the same prompt tokens from both sides so they still share a prompt.
+                prompt = prompt[min(longest - limit, len(prompt)) :]
+        example: Example = {"prompt_ids": enc.prompt_ids, "reference": enc.reference, "margin": enc.margin}
+        for side, completion in enc.completions.items():
+            ids = [*prompt, *completion][:limit]
+            labels = [IGNORE_INDEX] * len(prompt) + list(completion)
+            labels = labels[:limit]
+            # The first label is never a target (nothing predicts it).
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                report.skip("no completion tokens after truncation")
+                return None
+            example[f"{side}_input_ids"] = ids
+            example[f"{side}_labels"] = labels
+        return example
+
+    # ----------------------------------------------------------------------------------
+    # Batching
+    # ----------------------------------------------------------------------------------
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Right-pad chosen and rejected sequences to ONE common width per micro-batch.
+
+        One width lets a loss concatenate chosen and rejected rows along the batch for a
+        single forward pass; pairs stay in separate tensors so that splitting a batch along
+        dim 0 keeps every pair together.
+
+        Returns:
+            ``{chosen,rejected}_input_ids`` ``[B, T]`` (padded with the pad token),
+            ``{chosen,rejected}_attention_mask`` ``[B, T]`` (1 real, 0 padding),
+            ``{chosen,rejected}_labels`` ``[B, T]`` (padded with ``-100``), all int64, and
+            ``margin`` ``[B]`` float32.
+        """
+        if self.pad_token_id is None:
+            raise RuntimeError("PreferenceData.collate needs load() first (it takes the pad token from the tokenizer)")
+        width = max(len(e[f"{side}_input_ids"]) for e in examples for side in SIDES)
+        batch: Batch = {}
+        for side in SIDES:
+            ids, mask, labels = [], [], []
+            for e in examples:
+                n = len(e[f"{side}_input_ids"])
+                pad = width - n
+                ids.append([*e[f"{side}_input_ids"], *[self.pad_token_id] * pad])
+                mask.append([1] * n + [0] * pad)
+                labels.append([*e[f"{side}_labels"], *[IGNORE_INDEX] * pad])
+            batch[f"{side}_input_ids"] = torch.tensor(ids, dtype=torch.long)
+            batch[f"{side}_attention_mask"] = torch.tensor(mask, dtype=torch.long)
+            batch[f"{side}_labels"] = torch.tensor(labels, dtype=torch.long)
+        batch["margin"] = torch.tensor([float(e["margin"]) for e in examples], dtype=torch.float32)
+        return batch
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def _margin(value: Any, where: str, key: str) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataError(f"{where}: {key!r} must be a number, got {describe_type(value)}")
+    try:
+        return float(value)  # CSV cells arrive as strings
+    except ValueError:
+        raise DataError(f"{where}: {key!r} must be a number, got {value!r}") from None
+
+
+def _check_messages(
+    messages: Any, where: str, key: str, only: str | None = None, last_not: str | None = None
+) -> list[dict[str, Any]]:
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: {key!r} must be a string or a list of messages, got {describe_type(messages)}")
+    if not messages:
+        raise DataError(f"{where}: {key!r} is an empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(
+                f"{where}: {key}[{i}] must be an object with 'role' and 'content', got {describe_type(message)}"
+            )
+        for field in ("role", "content"):
+            value = message.get(field)
+            if not isinstance(value, str):
+                raise DataError(f"{where}: {key}[{i}].{field} must be a string, got {describe_type(value)}")
+        if only is not None and message["role"] != only:
+            raise DataError(f"{where}: {key}[{i}] must be an {only} message, got role {message['role']!r}")
+    if last_not is not None and messages[-1]["role"] == last_not:
+        raise DataError(f"{where}: {key!r} must not end with an {last_not} message (the replies are chosen/rejected)")
+    return messages
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], where: str, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # templates raise whatever their authors chose
+        raise DataError(f"{where}: the chat template failed on this conversation: {exc}") from None
+
+
+def _hold_out(examples: list[Example], fraction: float, seed: int, path: Path) -> tuple[list[Example], list[Example]]:
+    """Split off ``fraction`` of the pairs (at least one) by a seeded shuffle; both keep file order."""
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise DataError(
+            f"{path}: {len(examples)} usable rows are too few to hold out eval_fraction {fraction} "
+            "and keep some for training"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]

@@ -1,0 +1,94 @@
+"""Two-step end-to-end runs of the preference components through the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    import aligntk_po
+except ModuleNotFoundError:  # before the entry point is installed: import from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+    import aligntk_po
+
+from aligntk.testing import read_metrics, run_recipe, write_tiny_assets
+
+PLUGINS = {"po": aligntk_po}
+
+
+def preference_recipe(folder: Path, rows: int = 32) -> dict[str, Any]:
+    """The tiny SFT recipe with its data swapped for sums whose wrong answer is rejected."""
+    recipe = write_tiny_assets(folder)
+    rng = random.Random(0)
+    for name, n in (("prefs.jsonl", rows), ("prefs_eval.jsonl", 8)):
+        with (folder / name).open("w") as f:
+            for _ in range(n):
+                a, b = rng.randrange(50), rng.randrange(50)
+                wrong = a + b + rng.choice([-2, -1, 1, 2])
+                f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(wrong)}) + "\n")
+    recipe["data"] = {
+        "name": "preference",
+        "path": str(folder / "prefs.jsonl"),
+        "eval_path": str(folder / "prefs_eval.jsonl"),
+        "max_length": 16,
+    }
+    return recipe
+
+
+@pytest.mark.parametrize("loss", [{"name": "dpo"}, {"name": "dpo", "loss_type": "ipo"}, {"name": "simpo"}])
+def test_dpo_family_runs_two_steps(tmp_path: Path, loss: dict[str, Any]) -> None:
+    recipe = preference_recipe(tmp_path)
+    recipe["loss"] = loss
+    recipe["evaluators"] = [{"name": "exact_match", "max_new_tokens": 4}]
+    result = run_recipe(recipe, plugins=PLUGINS)
+    steps = read_metrics(Path(result.run_dir))
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert math.isfinite(record["loss"])
+        assert 0.0 <= record["rewards/accuracy"] <= 1.0
+        assert "rewards/margin" in record
+    if loss == {"name": "dpo"}:
+        # The reference is the policy as it starts, so the first step's loss is log 2.
+        assert steps[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
+    evals = read_metrics(Path(result.run_dir), split="eval")
+    assert evals and all("exact_match" in r and "eval_loss" in r for r in evals)
+
+
+def test_reward_model_runs_two_steps(tmp_path: Path) -> None:
+    recipe = preference_recipe(tmp_path)
+    recipe["model"]["task"] = "sequence_classification"
+    recipe["model"]["config"]["num_labels"] = 1
+    recipe["loss"] = {"name": "reward_model"}
+    result = run_recipe(recipe, plugins=PLUGINS)
+    steps = read_metrics(Path(result.run_dir))
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and 0.0 <= r["accuracy"] <= 1.0 for r in steps)
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(Path(result.run_dir) / "model")
+    assert model.config.num_labels == 1
+
+
+def test_dpo_needs_preference_fields(tmp_path: Path) -> None:
+    from aligntk.errors import AligntkError
+
+    recipe = write_tiny_assets(tmp_path)
+    recipe["loss"] = {"name": "dpo"}
+    with pytest.raises(AligntkError, match="chosen_input_ids"):
+        run_recipe(recipe, plugins=PLUGINS)
+
+
+@pytest.mark.parametrize("name", ["dpo.yaml", "reward_model.yaml"])
+def test_shipped_recipes_validate(name: str) -> None:
+    from aligntk import load_plugins
+    from aligntk.recipe import read_recipe, validate_recipe
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / name
+    resolved = validate_recipe(read_recipe(path), load_plugins(extra=PLUGINS).registry, source=path)
+    assert resolved.data.name == "preference"
