@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from . import checkpoint as ckpt
 from .distributed import Dist, init_distributed, shutdown
@@ -36,7 +37,7 @@ from .types import Batch, DataContext, DataSplits, Example, LossComponent, Model
 log = logging.getLogger("aligntk")
 
 #: Files in a run folder that mean "a run already wrote here".
-_RUN_MARKERS = ("metrics.jsonl", "recipe.yaml", "checkpoints", "model")
+_RUN_MARKERS = ("metrics.jsonl", "recipe.yaml", "checkpoints", "model", "cache")
 
 
 @dataclass
@@ -287,6 +288,7 @@ class _Trainer:
         self.global_batch = self.per_rank * self.d.world_size
         self.metrics_file = self.info.run_dir / "metrics.jsonl"
         self.tokens_seen = 0
+        self.cache = {}
         names = [c.name for c in self.resolved.losses]
         # Metric prefixes: the loss name, with its index when a recipe uses a loss twice.
         self.loss_keys = [n if names.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(names)]
@@ -299,6 +301,7 @@ class _Trainer:
         error: BaseException | None = None
         evaluated_at = -1
         try:
+            self.precompute()
             if self.d.is_main:
                 self.plugins.on_run_start(info)
             if info.start_step == 0:
@@ -344,10 +347,51 @@ class _Trainer:
         indices = global_batch_indices(step - 1, len(train), self.global_batch, self.resolved.recipe.seed)
         mine = indices[self.d.rank * self.per_rank : (self.d.rank + 1) * self.per_rank]
         size = self.spec.batch_size
-        return [
-            _to_device(self.data.collate([train[i] for i in mine[j : j + size]]), self.d.device)
-            for j in range(0, len(mine), size)
-        ]
+        return [self.batch("train", mine[j : j + size]) for j in range(0, len(mine), size)]
+
+    def batch(self, split: str, indices: Sequence[int]) -> Batch:
+        """Collate examples ``indices`` of ``split``, add their cached fields, move to the device."""
+        examples = self.splits.train if split == "train" else self.splits.eval
+        batch = self.data.collate([examples[i] for i in indices])
+        cached = self.cache.get(split)
+        if cached:
+            rows = torch.tensor(list(indices))
+            batch.update({name: values[rows] for name, values in cached.items()})
+        return _to_device(batch, self.d.device)
+
+    @torch.no_grad()
+    def precompute(self) -> None:
+        """Run each loss's ``precompute`` once over every example; reuse the run folder's cache on resume.
+
+        Every process computes the whole cache (a one-time cost) so no gather is needed;
+        the main process writes it.
+        """
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+        hooks = [(self.loss_keys[i], loss.precompute) for i, loss in enumerate(self.losses) if hasattr(loss, "precompute")]
+        if not hooks:
+            return
+        size = self.spec.eval_batch_size or self.spec.batch_size
+        for split, examples in (("train", self.splits.train), ("eval", self.splits.eval)):
+            fields: dict[str, torch.Tensor] = {}
+            for key, fn in hooks:
+                path = self.info.run_dir / "cache" / f"{key}-{split}.safetensors"
+                if path.exists() and self.info.start_step > 0:
+                    found = load_file(str(path))
+                else:
+                    parts: list[dict[str, torch.Tensor]] = []
+                    for j in range(0, len(examples), size):
+                        batch = _to_device(self.data.collate(list(examples[j : j + size])), self.d.device)
+                        with self.precision.autocast():
+                            parts.append({k: v.float().cpu() for k, v in fn(self.models, batch).items()})
+                    found = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+                    if self.d.is_main and found:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        save_file(found, str(path))
+                clash = set(found) & set(fields)
+                if clash:
+                    raise AligntkError(f"losses precompute the same batch fields {sorted(clash)}; rename one")
+                fields.update(found)
+            self.cache[split] = fields
 
     def train_step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
@@ -478,7 +522,7 @@ class _Trainer:
         totals = torch.zeros(2 * n, device=self.d.device)
         metric_sums: dict[tuple[int, str], torch.Tensor] = {}
         for j in range(0, len(mine), size):
-            batch = _to_device(self.data.collate([examples[i] for i in mine[j : j + size]]), self.d.device)
+            batch = self.batch("eval", mine[j : j + size])
             with self.precision.autocast():
                 for i, loss in enumerate(self.losses):
                     out = loss(self.models, batch)

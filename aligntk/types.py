@@ -131,6 +131,11 @@ class LossComponent(Protocol):
     batch in one call (a statistic over the batch, such as a quantile threshold); the
     engine then refuses ``train.grad_accum > 1`` or several processes.
 
+    Optional: ``precompute(models, batch) -> dict[str, Tensor [B]]`` for what a frozen
+    model computes once per example (reference log-probabilities, teacher scores). The
+    engine runs it once over every example before training, keeps the results in
+    ``cache/`` in the run folder, and adds them to each batch under the returned names.
+
     Optional: a loss whose value follows the training schedule (a coefficient ramped
     over a warm-up fraction, say) defines ``start_step(step, max_steps)``; the engine
     calls it before each optimizer step (``step`` counts from 1).

@@ -5,21 +5,17 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-try:
-    import aligntk_po
-except ModuleNotFoundError:  # before the entry point is installed: import from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
-    import aligntk_po
+from aligntk_po import DPOLoss
 
+from aligntk import hookimpl
 from aligntk.testing import read_metrics, run_recipe, write_tiny_assets
 
-PLUGINS = {"po": aligntk_po}
+PLUGINS: dict[str, object] = {}  # aligntk_po is installed through its entry point
 
 
 def preference_recipe(folder: Path, rows: int = 32) -> dict[str, Any]:
@@ -92,3 +88,54 @@ def test_shipped_recipes_validate(name: str) -> None:
     path = Path(__file__).resolve().parents[1] / "recipes" / name
     resolved = validate_recipe(read_recipe(path), load_plugins(extra=PLUGINS).registry, source=path)
     assert resolved.data.name == "preference"
+
+
+class CountingDPO(DPOLoss):
+    """DPO that counts the rows its reference model scores."""
+
+    reference_rows = 0
+    live_calls = 0
+
+    def reference_logps(self, models: Any, batch: dict) -> dict:
+        CountingDPO.reference_rows += batch["chosen_input_ids"].shape[0]
+        return super().reference_logps(models, batch)
+
+    def __call__(self, models: Any, batch: dict) -> Any:
+        if "ref_chosen_logps" not in batch:
+            CountingDPO.live_calls += 1
+        return super().__call__(models, batch)
+
+
+class CountingPlugin:
+    @hookimpl
+    def aligntk_register_losses(self, register: Any) -> None:
+        register("counting_dpo", CountingDPO)
+
+
+def test_cached_reference_runs_once_per_example_and_trains_like_live(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    recipe = preference_recipe(tmp_path, rows=16)  # 16 train + 8 eval pairs
+    recipe["loss"] = {"name": "counting_dpo"}
+    # 12 steps of 4 pairs = 3 epochs, with two evaluations.
+    common = ["train.max_steps=12", "train.eval_every=6"]
+    CountingDPO.reference_rows = CountingDPO.live_calls = 0
+    cached = run_recipe(recipe, [*common, f"output_dir={tmp_path / 'cached'}"], plugins={"c": CountingPlugin()})
+    assert CountingDPO.reference_rows == 16 + 8
+    assert CountingDPO.live_calls == 0
+    assert sorted(p.name for p in (cached.run_dir / "cache").iterdir()) == [
+        "counting_dpo-eval.safetensors",
+        "counting_dpo-train.safetensors",
+    ]
+    live = run_recipe(
+        {**recipe, "loss": {"name": "counting_dpo", "reference": "live"}},
+        [*common, f"output_dir={tmp_path / 'live'}"],
+        plugins={"c": CountingPlugin()},
+    )
+    assert CountingDPO.live_calls > 12  # every training micro-batch and every eval batch
+    a = load_file(str(cached.run_dir / "model" / "model.safetensors"))
+    b = load_file(str(live.run_dir / "model" / "model.safetensors"))
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-4, name
+    for x, y in zip(read_metrics(cached.run_dir), read_metrics(live.run_dir)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)

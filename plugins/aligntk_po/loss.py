@@ -7,6 +7,8 @@ engine reports ``metric / pairs``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, model_validator
 
@@ -73,12 +75,16 @@ class DPOConfig(ComponentConfig):
             the *mean* token NLL of that pair's chosen completion, so that the term is per pair
             like the preference loss, and long completions do not dominate it (RPO,
             Pang et al. 2024, https://arxiv.org/abs/2404.19733, normalizes the same way).
+        reference: ``cached`` computes the reference log-probabilities once per example
+            before training (the engine keeps them in the run folder's ``cache/``);
+            ``live`` runs the reference model in every step.
     """
 
     beta: float = Field(0.1, gt=0)
     loss_type: LossType = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     nll_weight: float = Field(0.0, ge=0.0)
+    reference: Literal["cached", "live"] = "cached"
 
     @model_validator(mode="after")
     def _robust_smoothing(self) -> DPOConfig:
@@ -96,6 +102,13 @@ class DPOLoss:
 
     def __init__(self, config: DPOConfig):
         self.config = config
+        if config.reference == "cached":
+            self.precompute = self.reference_logps  # the engine runs it once per example
+
+    def reference_logps(self, models: Models, batch: Batch) -> dict[str, torch.Tensor]:
+        """``[B]`` reference log-probabilities of chosen and rejected, for the engine's cache."""
+        chosen, rejected = _pair_logps(models["reference"], _concatenated(batch))
+        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
     def count(self, batch: Batch) -> torch.Tensor:
         return _pairs(batch)
@@ -104,7 +117,10 @@ class DPOLoss:
         c = self.config
         joined = _concatenated(batch)
         policy_chosen, policy_rejected = _pair_logps(models.policy, joined)
-        ref_chosen, ref_rejected = _pair_logps(models["reference"], joined)
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = _pair_logps(models["reference"], joined)
         chosen_len = label_counts(batch["chosen_labels"])
         rejected_len = label_counts(batch["rejected_labels"])
         losses = preference_loss(
