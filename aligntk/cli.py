@@ -127,9 +127,40 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"{recipe}: ok (data {resolved.data.name}, loss {names}, update {resolved.update.name})")
 
 
+def _type_name(annotation: Any) -> str:
+    """``Literal['a', 'b'] | None`` reads as ``a|b|None``; classes by their name."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if args and origin is not None and getattr(origin, "__name__", "") in ("Union", "UnionType"):
+        return "|".join(_type_name(a) for a in args)
+    if args:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _options(cls: type) -> list[str]:
+    """One line per option of a component: name, type, default (from its pydantic Config)."""
+    from pydantic_core import PydanticUndefined
+
+    lines = []
+    for name, field in cls.Config.model_fields.items():
+        kind = _type_name(field.annotation)
+        default = "required" if field.default is PydanticUndefined else repr(field.default)
+        lines.append(f"{name}: {kind} = {default}")
+    return lines
+
+
 @main.command("plugins")
+@click.option("-v", "--verbose", is_flag=True, help="Also list each component's options with defaults.")
 @_user_errors
-def plugins_cmd() -> None:
+def plugins_cmd(verbose: bool) -> None:
     """List installed plugins: distribution, version, and the components each provides."""
     plugins = load_plugins()
     for info in plugins.infos:
@@ -139,6 +170,9 @@ def plugins_cmd() -> None:
             continue
         for reg in plugins.registry.by_plugin(info.name):
             click.echo(f"    {reg.kind:<9} {reg.name}")
+            if verbose:
+                for line in _options(reg.cls):
+                    click.echo(f"              {line}")
         hooks = plugins.lifecycle_hooks(info.name)
         if hooks:
             click.echo(f"    {'hooks':<9} {', '.join(hooks)}")

@@ -94,3 +94,11 @@ def test_run_prints_before_and_after(tiny: dict[str, Any], tmp_path: Path) -> No
     assert "run folder:" in result.output
     rows = [json.loads(x) for x in (Path(tiny["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+
+
+def test_plugins_verbose_lists_component_options() -> None:
+    result = invoke("plugins", "--verbose")
+    assert result.exit_code == 0
+    assert "learning_rate: float = 5e-05" in result.output
+    assert "truncation: right|left|drop|error = 'right'" in result.output
+    assert "path: Path = required" in result.output
