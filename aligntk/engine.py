@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint as ckpt
@@ -32,13 +30,10 @@ from .models import Frozen, build_model, count_parameters, frozen_copy, load_tok
 from .plugins import Plugins
 from .precision import Precision
 from .recipe import ResolvedRecipe
+from .rundir import check_run_dir, check_same_recipe, drop_metrics_after, start_run_dir
 from .types import Batch, DataContext, DataSplits, Example, LossComponent, Models, RunInfo
 
 log = logging.getLogger("aligntk")
-
-#: Files in a run folder that mean "a run already wrote here".
-_RUN_MARKERS = ("metrics.jsonl", "recipe.yaml", "checkpoints", "model", "cache")
-
 
 @dataclass
 class RunResult:
@@ -89,40 +84,6 @@ def _count_tokens(batch: Batch) -> torch.Tensor:
     return torch.tensor(ids.numel() if ids is not None else 0)
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse to write over an earlier run by accident; return the checkpoint to resume from."""
-    if resume:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None:
-            raise AligntkError(f"{run_dir}: --resume was given but there is no complete checkpoint to resume from")
-        return found
-    used = [m for m in _RUN_MARKERS if (run_dir / m).exists()]
-    if used and not overwrite:
-        raise AligntkError(
-            f"{run_dir} already holds a run ({', '.join(used)}); pass --resume to continue it, "
-            "--overwrite to replace it, or set output_dir to a new folder"
-        )
-    return None
-
-
-def start_run_dir(run_dir: Path, resolved: ResolvedRecipe, plugins: Plugins, splits: DataSplits, fresh: bool) -> None:
-    """Called once set-up has succeeded, so a recipe or data mistake never touches an earlier run."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        for m in _RUN_MARKERS:  # only reached with --overwrite when a run is there
-            target = run_dir / m
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved.dump(), sort_keys=False))
-        (run_dir / "plugins.json").write_text(json.dumps(plugins.versions(), indent=2))
-    report = splits.report
-    (run_dir / "data_report.json").write_text(json.dumps({"rows": report.rows, "skipped": report.skipped}, indent=2))
-    for reason, n in report.skipped.items():
-        log.warning("data: skipped %d row(s): %s (see %s)", n, reason, run_dir / "data_report.json")
-
-
 def train(
     resolved: ResolvedRecipe, plugins: Plugins, *, resume: bool = False, overwrite: bool = False
 ) -> RunResult:
@@ -168,7 +129,7 @@ def train(
         precision = Precision(spec.precision, d.device)
         trainer_state: dict[str, Any] = {"step": 0}
         if resume_from is not None:
-            _check_same_recipe(run_dir, resolved)
+            check_same_recipe(run_dir, resolved)
             trainer_state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, precision.scaler)
             log.info("resuming from %s (step %d)", resume_from, trainer_state["step"])
         start_step = int(trainer_state["step"])
@@ -183,7 +144,7 @@ def train(
         if d.is_main:
             start_run_dir(run_dir, resolved, plugins, splits, fresh=resume_from is None)
             if resume_from is not None:
-                _drop_metrics_after(run_dir / "metrics.jsonl", start_step)
+                drop_metrics_after(run_dir / "metrics.jsonl", start_step)
         d.barrier()
 
         info = RunInfo(
@@ -217,40 +178,6 @@ def train(
         return trainer.fit()
     finally:
         shutdown(d)
-
-
-def _check_same_recipe(run_dir: Path, resolved: ResolvedRecipe) -> None:
-    """A resumed run must use the recipe it started with, or it would not end where that run would."""
-    saved_file = run_dir / "recipe.yaml"
-    if not saved_file.exists():
-        return
-    saved = yaml.safe_load(saved_file.read_text())
-    now = resolved.dump()
-    changed = _diff_keys(saved, now)
-    if changed:
-        raise AligntkError(
-            f"{run_dir}: --resume with a recipe that differs from the run's ({', '.join(changed[:5])}); "
-            "resume with the same recipe, or start a new run in another output_dir"
-        )
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for key in sorted(set(a) | set(b), key=str):
-            out += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [k for i, (x, y) in enumerate(zip(a, b)) for k in _diff_keys(x, y, f"{prefix}{i}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Forget records past the checkpoint being resumed: those steps run again."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _enable_checkpointing(model: torch.nn.Module) -> None:

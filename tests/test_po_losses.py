@@ -14,9 +14,7 @@ TRL parity is checked against the code TRL runs, called with a stub ``self``:
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,11 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    import aligntk_po
-except ModuleNotFoundError:  # before the entry point is installed: import from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
-    import aligntk_po
+import aligntk_po
 
 from aligntk import Models
 from aligntk.testing import char_tokenizer, check_loss_contract, tiny_model
