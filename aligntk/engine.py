@@ -107,7 +107,8 @@ def train(
                 models[role] = frozen_copy(policy).to(d.device)
 
         data = resolved.data.build()
-        splits = data.load(DataContext(tokenizer=tokenizer, seed=recipe.seed, run_dir=run_dir))
+        rewards = [(c.weight, c.build()) for c in resolved.rewards]
+        splits = data.load(DataContext(tokenizer=tokenizer, seed=recipe.seed, run_dir=run_dir, rewards=rewards))
         if not splits.train:
             raise AligntkError(f"data: the {resolved.data.name!r} data gave no training examples")
         for loss in resolved.losses:
@@ -186,6 +187,40 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class _MetricSums:
+    """Loss metrics summed over micro-batches; reduced over processes with the loss sums.
+
+    A metric is a sum over its loss's units (divided by that loss's global count) or a
+    ``(sum, count)`` pair with units of its own (divided by its own global count).
+    """
+
+    def __init__(self, prefixes: list[str]):
+        self.prefixes = prefixes
+        self.num: dict[str, torch.Tensor] = {}
+        self.den: dict[str, torch.Tensor] = {}
+        self.loss_of: dict[str, int] = {}
+
+    def add(self, i: int, metrics: dict[str, Any]) -> None:
+        for name, value in metrics.items():
+            key = name if len(self.prefixes) == 1 else f"{self.prefixes[i]}/{name}"
+            num, den = value if isinstance(value, tuple) else (value, None)
+            self.num[key] = self.num.get(key, 0) + num.detach().float()
+            if den is None:
+                self.loss_of[key] = i
+            else:
+                self.den[key] = self.den.get(key, 0) + den.detach().float()
+
+    def packed(self, device: torch.device) -> torch.Tensor:
+        parts = [self.num[k] for k in self.num] + [self.den[k] for k in self.den]
+        return torch.stack(parts).reshape(-1) if parts else torch.zeros(0, device=device)
+
+    def results(self, values: list[float], loss_counts: list[float]) -> dict[str, float]:
+        """``values``: the reduced ``packed()``; ``loss_counts``: each loss's global count."""
+        nums = dict(zip(self.num, values))
+        dens = dict(zip(self.den, values[len(self.num) :]))
+        return {k: v / max(dens[k] if k in dens else loss_counts[self.loss_of[k]], 1e-12) for k, v in nums.items()}
 
 
 @dataclass
@@ -279,12 +314,26 @@ class _Trainer:
     def batch(self, split: str, indices: Sequence[int]) -> Batch:
         """Collate examples ``indices`` of ``split``, add their cached fields, move to the device."""
         examples = self.splits.train if split == "train" else self.splits.eval
-        batch = self.data.collate([examples[i] for i in indices])
+        chosen = [examples[i] for i in indices]
+        if split == "train" and hasattr(self.data, "rollout"):
+            chosen = self._rollout(chosen)
+        batch = self.data.collate(chosen)
         cached = self.cache.get(split)
         if cached:
             rows = torch.tensor(list(indices))
             batch.update({name: values[rows] for name, values in cached.items()})
         return _to_device(batch, self.d.device)
+
+    @torch.no_grad()
+    def _rollout(self, examples: list[Example]) -> list[Example]:
+        """Online data: the data component samples from the current policy (eval mode, no grad)."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.precision.autocast():
+                return list(self.data.rollout(self.models, examples))
+        finally:
+            self.policy.train(was_training)
 
     @torch.no_grad()
     def precompute(self) -> None:
@@ -341,7 +390,7 @@ class _Trainer:
         self.policy.train()
         n_losses = len(self.losses)
         sums = torch.zeros(n_losses, device=self.d.device)
-        metric_sums: dict[str, torch.Tensor] = {}
+        metric_sums = _MetricSums(self.loss_keys)
         tokens = torch.zeros((), device=self.d.device)
         penalty = self.update.penalty(unwrap(self.policy))
         for j, batch in enumerate(batches):
@@ -354,9 +403,7 @@ class _Trainer:
                         out = loss(self.models, batch)
                         total = total + self.weights[i] * out.sum / denominators[i]
                         sums[i] += out.sum.detach().float()
-                        for name, value in out.metrics.items():
-                            key = name if n_losses == 1 else f"{self.loss_keys[i]}/{name}"
-                            metric_sums[key] = metric_sums.get(key, 0) + value.detach().float() / denominators[i]
+                        metric_sums.add(i, out.metrics)
                     if penalty is not None and j == 0:
                         total = total + penalty / scale
                     total = total * scale
@@ -365,11 +412,11 @@ class _Trainer:
 
         grad_norm = self._unscale_and_clip()
         # One all-reduce and one host sync per optimizer step, for logging and the NaN guard.
-        names = list(metric_sums)
-        packed = torch.cat([sums, torch.stack([metric_sums[n] for n in names]) if names else sums[:0], tokens[None]])
+        packed = torch.cat([sums, metric_sums.packed(self.d.device), tokens[None]])
         self.d.all_reduce(packed)
         values = torch.cat([packed, grad_norm.detach().float()[None]]).tolist()
-        per_loss = [values[i] / denominators[i].item() for i in range(n_losses)]
+        loss_counts = denominators.tolist()
+        per_loss = [values[i] / loss_counts[i] for i in range(n_losses)]
         loss_value = sum(w * v for w, v in zip(self.weights, per_loss))
         if penalty is not None:
             loss_value += float(penalty.detach())
@@ -394,7 +441,7 @@ class _Trainer:
         }
         if n_losses > 1:
             metrics.update({f"{k}/loss": v for k, v in zip(self.loss_keys, per_loss)})
-        metrics.update({n: v for n, v in zip(names, values[n_losses : n_losses + len(names)])})
+        metrics.update(metric_sums.results(values[n_losses:-2], loss_counts))
         return metrics
 
     def _backward(self, total: torch.Tensor) -> None:
@@ -429,7 +476,7 @@ class _Trainer:
         metrics: dict[str, float] = {}
         was_training = self.policy.training
         self.policy.eval()
-        if examples:
+        if examples and not hasattr(self.data, "rollout"):  # online data has no fixed eval loss
             metrics.update(self._eval_loss(examples))
         if self.d.is_main:
             model = unwrap(self.policy)
@@ -447,7 +494,7 @@ class _Trainer:
         mine = list(range(self.d.rank, len(examples), self.d.world_size))
         n = len(self.losses)
         totals = torch.zeros(2 * n, device=self.d.device)
-        metric_sums: dict[tuple[int, str], torch.Tensor] = {}
+        metric_sums = _MetricSums(self.loss_keys)
         for j in range(0, len(mine), size):
             batch = self.batch("eval", mine[j : j + size])
             with self.precision.autocast():
@@ -455,18 +502,15 @@ class _Trainer:
                     out = loss(self.models, batch)
                     totals[2 * i] += out.sum.float()
                     totals[2 * i + 1] += out.count.float()
-                    for name, value in out.metrics.items():
-                        metric_sums[i, name] = metric_sums.get((i, name), 0) + value.float()
-        keys = list(metric_sums)
-        packed = torch.cat([totals, torch.stack([metric_sums[k] for k in keys]) if keys else totals[:0]])
+                    metric_sums.add(i, out.metrics)
+        packed = torch.cat([totals, metric_sums.packed(self.d.device)])
         values = self.d.all_reduce(packed).tolist()
         counts = [max(values[2 * i + 1], 1.0) for i in range(n)]
         per_loss = [values[2 * i] / counts[i] for i in range(n)]
         result = {"eval_loss": sum(w * v for w, v in zip(self.weights, per_loss))}
         if n > 1:
             result.update({f"eval_{k}/loss": v for k, v in zip(self.loss_keys, per_loss)})
-        for (i, name), value in zip(keys, values[2 * n :]):
-            result[f"eval_{name}" if n == 1 else f"eval_{self.loss_keys[i]}/{name}"] = value / counts[i]
+        result.update({f"eval_{k}": v for k, v in metric_sums.results(values[2 * n :], counts).items()})
         return result
 
     def save_checkpoint(self, step: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -121,6 +121,7 @@ class Recipe(StrictModel):
     loss: list[WeightedComponentSpec]
     update: ComponentSpec = ComponentSpec(name="full")
     evaluators: list[ComponentSpec] = Field(default_factory=list)
+    rewards: list[WeightedComponentSpec] = Field(default_factory=list, description="reward components for rollouts")
     train: TrainSpec
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -165,6 +166,7 @@ class ResolvedRecipe:
     losses: list[Component]
     update: Component
     evaluators: list[Component]
+    rewards: list[Component] = field(default_factory=list)
     source: Path | None = None
 
     @property
@@ -180,11 +182,12 @@ class ResolvedRecipe:
 
     def dump(self) -> dict[str, Any]:
         """The resolved recipe: every default filled in, as saved in the run folder."""
-        out = self.recipe.model_dump(mode="json", exclude={"data", "loss", "update", "evaluators"})
+        out = self.recipe.model_dump(mode="json", exclude={"data", "loss", "update", "evaluators", "rewards"})
         out["data"] = self.data.dump()
         out["loss"] = [{**c.dump(), "weight": c.weight} for c in self.losses]
         out["update"] = self.update.dump()
         out["evaluators"] = [c.dump() for c in self.evaluators]
+        out["rewards"] = [{**c.dump(), "weight": c.weight} for c in self.rewards]
         return out
 
 
@@ -291,6 +294,7 @@ def validate_recipe(raw: dict[str, Any], registry: Registry, source: str | Path 
         ],
         update=component("update", recipe.update, "update"),
         evaluators=[component("evaluator", s, f"evaluators.{i}") for i, s in enumerate(recipe.evaluators)],
+        rewards=[component("reward", s, f"rewards.{i}") for i, s in enumerate(recipe.rewards)],
         source=source,
     )
     _check_compatible(resolved, prefix)

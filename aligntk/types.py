@@ -38,12 +38,14 @@ class LossOutput:
         sum: scalar tensor, the loss summed over the units of this micro-batch (never a mean).
         count: scalar tensor, the number of units (tokens or sequences) in the sum. It must
             equal ``loss.count(batch)``; the engine divides by the count over the global batch.
-        metrics: scalar tensors summed over the same units; the engine reports ``value / count``.
+        metrics: scalar tensors summed over the same units (the engine reports ``value /
+            count``), or ``(sum, count)`` pairs for a metric with units of its own (a
+            per-sequence reward in a per-token loss); both are averaged over the global batch.
     """
 
     sum: torch.Tensor
     count: torch.Tensor
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class Models(Mapping[str, torch.nn.Module]):
@@ -100,6 +102,8 @@ class DataContext:
     tokenizer: PreTrainedTokenizerBase
     seed: int
     run_dir: Path | None = None
+    #: The recipe's ``rewards``: ``(weight, reward component)`` pairs, for rollout data.
+    rewards: list[tuple[float, Any]] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -108,6 +112,11 @@ class DataComponent(Protocol):
 
     ``provides`` names the batch fields ``collate`` returns; the engine checks before
     step one that they cover what the loss ``requires``.
+
+    Optional: ``rollout(models, examples) -> examples`` for online data. The engine
+    calls it for each training micro-batch before ``collate``, under ``torch.no_grad()``
+    with the policy in eval mode, so the component can sample completions from the
+    current policy and score them (``DataContext.rewards``).
     """
 
     Config: ClassVar[type[ComponentConfig]]
