@@ -122,3 +122,21 @@ def test_a_short_grpo_run_raises_the_mean_reward(tiny: dict[str, Any]) -> None:
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
     record = read_metrics(result.run_dir)[0]
     assert {"kl", "clip_fraction", "entropy", "completion_length", "reward"} <= record.keys()
+
+
+def test_a_trained_reward_model_scores_rollouts(tiny: dict[str, Any], tmp_path: Path) -> None:
+    from aligntk_rl import RewardModelScore
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    tok = char_tokenizer("0123456789+=")
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
+    )
+    folder = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    reward = RewardModelScore(RewardModelScore.Config(path=folder))
+    scores = reward(["1+1=", "2+2="], ["2", "5"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    assert scores[0] != scores[1]

@@ -1,6 +1,7 @@
 """Online policy optimization as a loss: rollouts from the current policy, GRPO / PPO-clip.
 
-Registers data ``rollout``, loss ``grpo`` and reward ``exact_answer``. The advantage
+Registers data ``rollout``, loss ``grpo`` and rewards ``exact_answer`` and
+``reward_model`` (a model trained with the ``reward_model`` loss). The advantage
 and KL estimators in ``estimators`` are shared by every online loss.
 """
 
@@ -11,9 +12,9 @@ from aligntk.hookspecs import Register
 
 from .data import RolloutData
 from .loss import GRPOLoss
-from .rewards import ExactAnswer
+from .rewards import ExactAnswer, RewardModelScore
 
-__all__ = ["ExactAnswer", "GRPOLoss", "RolloutData"]
+__all__ = ["ExactAnswer", "GRPOLoss", "RewardModelScore", "RolloutData"]
 
 
 @hookimpl
@@ -29,3 +30,4 @@ def aligntk_register_losses(register: Register) -> None:
 @hookimpl
 def aligntk_register_rewards(register: Register) -> None:
     register("exact_answer", ExactAnswer)
+    register("reward_model", RewardModelScore)

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from pydantic import PositiveInt
 
-from aligntk import ComponentConfig
+from aligntk import ComponentConfig, LocalFile
 
 
 class ExactAnswerConfig(ComponentConfig):
@@ -27,3 +28,40 @@ class ExactAnswer:
         if references is None:
             raise ValueError("exact_answer needs the data's reference answers")
         return torch.tensor([float(c.strip() == r.strip()) for c, r in zip(completions, references)])
+
+
+class RewardModelScoreConfig(ComponentConfig):
+    """Options of the ``reward_model`` reward.
+
+    Attributes:
+        path: a folder with a trained one-score sequence-classification model and its
+            tokenizer (the ``model`` folder of a ``reward_model`` loss run).
+        batch_size: texts scored together.
+    """
+
+    path: LocalFile
+    batch_size: PositiveInt = 32
+
+
+class RewardModelScore:
+    """Scores ``prompt + completion`` with a trained reward model (frozen, on the CPU or its device)."""
+
+    Config = RewardModelScoreConfig
+
+    def __init__(self, config: RewardModelScoreConfig):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(config.path).eval().requires_grad_(False)
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{config.path}: a reward model has one score (num_labels 1), not {self.model.config.num_labels}")
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> torch.Tensor:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        scores = []
+        for i in range(0, len(texts), self.config.batch_size):
+            enc = self.tokenizer(texts[i : i + self.config.batch_size], return_tensors="pt", padding=True)
+            scores.append(self.model(**enc).logits[:, 0].float())
+        return torch.cat(scores)
