@@ -96,31 +96,11 @@ def train(
         base_dir = resolved.source.resolve().parent if resolved.source else Path.cwd()
 
         torch.manual_seed(recipe.seed)  # same initial weights on every process
-        tokenizer = load_tokenizer(recipe.model, base_dir)
-        policy = build_model(recipe.model, tokenizer, base_dir)
-        models: dict[str, torch.nn.Module] = {}
-        for role in resolved.roles()[1:]:
-            if role in recipe.models:
-                model = build_model(recipe.models[role], tokenizer, base_dir, key=f"models.{role}")
-                models[role] = Frozen(model).to(d.device)
-            else:  # the reference defaults to the policy as it starts
-                models[role] = frozen_copy(policy).to(d.device)
-
+        tokenizer, policy, models = _load_models(resolved, base_dir, d.device)
         data = resolved.data.build()
         rewards = [(c.weight, c.build()) for c in resolved.rewards]
         splits = data.load(DataContext(tokenizer=tokenizer, seed=recipe.seed, run_dir=run_dir, rewards=rewards))
-        if not splits.train:
-            raise AligntkError(f"data: the {resolved.data.name!r} data gave no training examples")
-        for loss in resolved.losses:
-            if getattr(loss.cls, "whole_batch", False) and (spec.grad_accum > 1 or d.world_size > 1):
-                raise AligntkError(
-                    f"loss {loss.name!r} computes statistics over the whole batch, so it needs one micro-batch per "
-                    f"step: set train.grad_accum: 1 and run one process (raise train.batch_size instead)"
-                )
-        if resolved.evaluators and not splits.eval:
-            raise AligntkError(
-                "evaluators: there are no evaluation examples to run them on; set data.eval_path or data.eval_fraction"
-            )
+        _check_setup(resolved, splits, d)
 
         update = resolved.update.build()
         policy = update.prepare(policy).to(d.device)
@@ -179,6 +159,40 @@ def train(
         return trainer.fit()
     finally:
         shutdown(d)
+
+
+def _load_models(
+    resolved: ResolvedRecipe, base_dir: Path, device: torch.device
+) -> tuple[Any, torch.nn.Module, dict[str, torch.nn.Module]]:
+    """The tokenizer, the policy, and a frozen model for every other role the losses declare."""
+    recipe = resolved.recipe
+    tokenizer = load_tokenizer(recipe.model, base_dir)
+    policy = build_model(recipe.model, tokenizer, base_dir)
+    frozen: dict[str, torch.nn.Module] = {}
+    for role in resolved.roles()[1:]:
+        if role in recipe.models:
+            model = build_model(recipe.models[role], tokenizer, base_dir, key=f"models.{role}")
+            frozen[role] = Frozen(model).to(device)
+        else:  # the reference defaults to the policy as it starts
+            frozen[role] = frozen_copy(policy).to(device)
+    return tokenizer, policy, frozen
+
+
+def _check_setup(resolved: ResolvedRecipe, splits: DataSplits, d: Dist) -> None:
+    """What only the loaded data and the process count can tell, checked before step one."""
+    spec = resolved.train
+    if not splits.train:
+        raise AligntkError(f"data: the {resolved.data.name!r} data gave no training examples")
+    for loss in resolved.losses:
+        if getattr(loss.cls, "whole_batch", False) and (spec.grad_accum > 1 or d.world_size > 1):
+            raise AligntkError(
+                f"loss {loss.name!r} computes statistics over the whole batch, so it needs one micro-batch per "
+                f"step: set train.grad_accum: 1 and run one process (raise train.batch_size instead)"
+            )
+    if resolved.evaluators and not splits.eval:
+        raise AligntkError(
+            "evaluators: there are no evaluation examples to run them on; set data.eval_path or data.eval_fraction"
+        )
 
 
 def _enable_checkpointing(model: torch.nn.Module) -> None:
