@@ -1,0 +1,188 @@
+"""Classification data for weak-to-strong runs: text and an integer label per row.
+
+Each example carries the ground-truth class (``label``, for accuracy) and a target
+distribution (``soft_labels``): one-hot from the label, or the weak supervisor's
+probabilities read from a labels file written by an earlier labelling step
+(``soft_labels_path``). The student's run reads that file; the teacher never runs in it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, PositiveInt
+
+from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalFile
+from aligntk.datafiles import describe_type, read_rows
+
+#: Batch fields the ``classification`` component provides.
+CLASSIFICATION_PROVIDES = frozenset({"input_ids", "attention_mask", "soft_labels", "labels_int"})
+
+
+class ClassificationDataConfig(ComponentConfig):
+    """Options of the ``classification`` data component.
+
+    Attributes:
+        path: the training file (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``).
+        eval_path: the evaluation (test) file, same columns.
+        text_key: the column holding the text.
+        label_key: the column holding the class, an integer in ``[0, num_classes)``.
+        num_classes: the number of classes ``C``.
+        max_length: the most tokens kept per text (longer texts are cut at the end).
+        soft_labels_path: a labels file (JSON Lines of ``{"index": i, "probs": [...]}``, or
+            ``{"probs": [...]}`` aligned with the training rows) whose probabilities replace
+            the ground truth as training targets. ``label`` keeps the ground truth.
+    """
+
+    path: LocalFile
+    eval_path: LocalFile | None = None
+    text_key: str = "text"
+    label_key: str = "label"
+    num_classes: int = Field(2, ge=2)
+    max_length: PositiveInt = 128
+    soft_labels_path: LocalFile | None = None
+
+
+def read_examples(path: Path, text_key: str, label_key: str, num_classes: int) -> list[tuple[str, str, int]]:
+    """``(where, text, label)`` for every row of a classification file.
+
+    Raises:
+        DataError: a row lacks a string text or an integer label in range (names file:line).
+    """
+    out = []
+    for where, row in read_rows(path):
+        text, label = row.get(text_key), row.get(label_key)
+        if not isinstance(text, str):
+            raise DataError(f"{where}: {text_key!r} must be a string, got {describe_type(text)}")
+        if isinstance(label, str) and label.strip().lstrip("-").isdigit():  # CSV cells are text
+            label = int(label)
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise DataError(f"{where}: {label_key!r} must be an integer class, got {describe_type(label)}")
+        if not 0 <= label < num_classes:
+            raise DataError(f"{where}: {label_key!r} is {label}, outside [0, {num_classes}) (num_classes {num_classes})")
+        out.append((where, text, label))
+    if not out:
+        raise DataError(f"{path}: the file has no rows")
+    return out
+
+
+def read_soft_labels(path: Path, n_rows: int, num_classes: int) -> list[list[float]]:
+    """The probabilities of a labels file, one list of ``num_classes`` floats per training row.
+
+    Rows either all carry ``index`` (any order, each training row exactly once) or none
+    does (then row ``i`` of the file labels training row ``i``).
+
+    Raises:
+        DataError: a row is malformed, an index is out of range or repeated, or a
+            training row has no label (the message names file:line).
+    """
+    probs: list[list[float] | None] = [None] * n_rows
+    indexed: bool | None = None
+    position = 0
+    for where, row in read_rows(path):
+        has_index = "index" in row
+        if indexed is None:
+            indexed = has_index
+        elif indexed != has_index:
+            raise DataError(f"{where}: mixes rows with and without 'index'; use one or the other")
+        index = row["index"] if has_index else position
+        position += 1
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_rows:
+            raise DataError(f"{where}: 'index' must be an integer in [0, {n_rows}) (the training rows), got {index!r}")
+        if probs[index] is not None:
+            raise DataError(f"{where}: training row {index} is labelled twice")
+        probs[index] = _check_probs(row.get("probs"), where, num_classes)
+    missing = [i for i, p in enumerate(probs) if p is None]
+    if missing:
+        raise DataError(
+            f"{path}: {len(missing)} of {n_rows} training rows have no soft label (first: row {missing[0]}); "
+            "the labels file must come from labelling this training file"
+        )
+    return [p for p in probs if p is not None]
+
+
+def _check_probs(value: Any, where: str, num_classes: int) -> list[float]:
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise DataError(f"{where}: 'probs' must be a list of numbers, got {describe_type(value)}")
+    if len(value) != num_classes:
+        raise DataError(f"{where}: 'probs' has {len(value)} entries, expected num_classes {num_classes}")
+    if any(v < 0 or not math.isfinite(v) for v in value) or not math.isclose(sum(value), 1.0, abs_tol=1e-3):
+        raise DataError(f"{where}: 'probs' must be non-negative and sum to 1, got {value}")
+    return [float(v) for v in value]
+
+
+def collate_classification(examples: Sequence[Example], pad_token_id: int) -> Batch:
+    """Right-pad examples into a batch.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` ``[N, T]`` (long), ``soft_labels`` ``[N, C]``
+        (float32) and ``labels_int`` ``[N]`` (long, the ground truth).
+    """
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        ids = ex["input_ids"]
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "soft_labels": torch.tensor([ex["soft_labels"] for ex in examples], dtype=torch.float32),
+        "labels_int": torch.tensor([ex["label"] for ex in examples], dtype=torch.long),
+    }
+
+
+class ClassificationData:
+    """Text classification rows, tokenized, with one-hot or soft-label targets.
+
+    Each example is ``{"input_ids", "soft_labels", "label", "index"}``; ``index`` is the
+    row's position in its file (what a labels file refers to).
+    """
+
+    Config = ClassificationDataConfig
+    provides = CLASSIFICATION_PROVIDES
+
+    def __init__(self, config: ClassificationDataConfig):
+        self.config = config
+        self.pad_token_id = 0
+
+    def load(self, ctx: DataContext) -> DataSplits:
+        """Read and tokenize the training (and evaluation) rows.
+
+        Raises:
+            DataError: a file or row is bad (the message names file and line), or the
+                tokenizer has no pad token.
+        """
+        c = self.config
+        if ctx.tokenizer.pad_token_id is None:
+            raise DataError("the tokenizer has no pad token; name one in the recipe (model.pad_token)")
+        self.pad_token_id = ctx.tokenizer.pad_token_id
+        train = self._read(c.path, ctx.tokenizer)
+        if c.soft_labels_path is not None:
+            soft = read_soft_labels(c.soft_labels_path, len(train), c.num_classes)
+            for example, probs in zip(train, soft):
+                example["soft_labels"] = probs
+        eval_ = self._read(c.eval_path, ctx.tokenizer) if c.eval_path is not None else []
+        report = DataReport(rows={"train": len(train), "eval": len(eval_)})
+        return DataSplits(train=train, eval=eval_, report=report)
+
+    def _read(self, path: Path, tokenizer: Any) -> list[Example]:
+        c = self.config
+        rows = read_examples(path, c.text_key, c.label_key, c.num_classes)
+        encoded = tokenizer([text for _, text, _ in rows], truncation=True, max_length=c.max_length)["input_ids"]
+        examples = []
+        for index, ((where, _, label), ids) in enumerate(zip(rows, encoded)):
+            if not ids:
+                raise DataError(f"{where}: the text has no tokens")
+            one_hot = [0.0] * c.num_classes
+            one_hot[label] = 1.0
+            examples.append({"input_ids": list(ids), "soft_labels": one_hot, "label": label, "index": index})
+        return examples
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        return collate_classification(examples, self.pad_token_id)
