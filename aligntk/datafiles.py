@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, model_validator
+
 from .errors import DataError
+from .recipe import LocalFile
+from .types import ComponentConfig, DataReport, DataSplits, Example
 
 #: File extensions :func:`read_rows` understands.
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -151,3 +156,80 @@ def describe_type(value: Any) -> str:
     if isinstance(value, str):
         return "string"
     return type(value).__name__
+
+
+# --------------------------------------------------------------------------------------
+# Train / eval splits shared by every file-based data component
+# --------------------------------------------------------------------------------------
+
+
+class FileDataConfig(ComponentConfig):
+    """Options every file-based data component has; subclass it and add your own.
+
+    Attributes:
+        path: the training file (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``).
+        eval_path: an evaluation file in the same formats.
+        eval_fraction: without ``eval_path``, the share of training rows held out for
+            evaluation (a shuffle seeded with the run's seed picks them).
+    """
+
+    path: LocalFile
+    eval_path: LocalFile | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> FileDataConfig:
+        if self.eval_path is not None and self.eval_fraction > 0:
+            raise ValueError("give 'eval_path' or 'eval_fraction', not both")
+        return self
+
+
+def require_pad_token(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or a ``DataError`` that says how to name one in the recipe."""
+    if tokenizer.pad_token_id is None:
+        raise DataError("the tokenizer has no pad token; name one in the recipe, for example model.pad_token: '</s>'")
+    return int(tokenizer.pad_token_id)
+
+
+def load_splits(config: FileDataConfig, seed: int, read: Callable[[Path, DataReport], list[Example]]) -> DataSplits:
+    """Read the training file and the evaluation file (or hold out ``eval_fraction``).
+
+    ``read(path, report)`` turns one file into examples and records skipped rows in ``report``.
+    """
+    report = DataReport()
+    train = read(config.path, report)
+    if config.eval_path is not None:
+        eval_ = read(config.eval_path, report)
+    elif config.eval_fraction > 0:
+        train, eval_ = hold_out(train, config.eval_fraction, seed, config.path)
+    else:
+        eval_ = []
+    report.rows = {"train": len(train), "eval": len(eval_)}
+    return DataSplits(train=train, eval=eval_, report=report)
+
+
+def keep_fitting(path: Path, fitted: list[Example | None], skipped: DataReport, report: DataReport) -> list[Example]:
+    """The examples that survived truncation; the skips go into ``report``; none left is an error."""
+    examples = [e for e in fitted if e is not None]
+    if not examples:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.skipped.items())
+        raise DataError(f"{path}: every row was skipped ({reasons})")
+    for reason, n in skipped.skipped.items():
+        report.skip(reason, n)
+    return examples
+
+
+def hold_out(examples: list[Example], fraction: float, seed: int, path: Path) -> tuple[list[Example], list[Example]]:
+    """Split off ``fraction`` of the examples (at least one) by a seeded shuffle; both keep file order."""
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise DataError(
+            f"{path}: {len(examples)} usable rows are too few to hold out eval_fraction {fraction} "
+            "and keep some for training"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    eval_ = [e for i, e in enumerate(examples) if i in held]
+    return train, eval_

@@ -18,17 +18,16 @@ by the ``reward_model`` loss.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import PositiveInt
 
-from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalFile
-from aligntk.datafiles import describe_type, read_rows
+from aligntk import Batch, DataContext, DataError, DataReport, DataSplits, Example
+from aligntk.datafiles import FileDataConfig, describe_type, keep_fitting, load_splits, read_rows, require_pad_token
 
 IGNORE_INDEX = -100
 
@@ -36,14 +35,10 @@ Truncation = Literal["right", "left", "drop", "error"]
 SIDES = ("chosen", "rejected")
 
 
-class PreferenceDataConfig(ComponentConfig):
-    """Options of the ``preference`` data component.
+class PreferenceDataConfig(FileDataConfig):
+    """Options of the ``preference`` data component (with ``path``, ``eval_path``, ``eval_fraction``).
 
     Attributes:
-        path: the training file (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``).
-        eval_path: an evaluation file in the same formats.
-        eval_fraction: without ``eval_path``, the share of training rows held out for
-            evaluation (a shuffle seeded with the run's seed picks them).
         max_length: the most tokens in one sequence (prompt plus one completion).
         truncation: what to do when prompt plus a completion is longer. ``right`` cuts the
             completion's end; ``left`` cuts the start of the prompt (the same for both
@@ -53,9 +48,6 @@ class PreferenceDataConfig(ComponentConfig):
         prompt_key, chosen_key, rejected_key, margin_key: the columns to read.
     """
 
-    path: LocalFile
-    eval_path: LocalFile | None = None
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_length: PositiveInt = 512
     truncation: Truncation = "right"
     add_eos: bool = True
@@ -63,12 +55,6 @@ class PreferenceDataConfig(ComponentConfig):
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
     margin_key: str = "margin"
-
-    @model_validator(mode="after")
-    def _one_eval_source(self) -> PreferenceDataConfig:
-        if self.eval_path is not None and self.eval_fraction > 0:
-            raise ValueError("give 'eval_path' or 'eval_fraction', not both")
-        return self
 
 
 @dataclass
@@ -110,35 +96,15 @@ class PreferenceData:
             DataError: a file or row is bad (the message names the file and line), the
                 tokenizer has no pad token, or a file yields no usable pair.
         """
-        tokenizer = ctx.tokenizer
-        if tokenizer.pad_token_id is None:
-            raise DataError(
-                "the tokenizer has no pad token; name one in the recipe, for example model.pad_token: '</s>'"
-            )
-        self.pad_token_id = tokenizer.pad_token_id
-        report = DataReport()
-        train = self._read(self.config.path, tokenizer, report)
-        if self.config.eval_path is not None:
-            eval_ = self._read(self.config.eval_path, tokenizer, report)
-        elif self.config.eval_fraction > 0:
-            train, eval_ = _hold_out(train, self.config.eval_fraction, ctx.seed, self.config.path)
-        else:
-            eval_ = []
-        report.rows = {"train": len(train), "eval": len(eval_)}
-        return DataSplits(train=train, eval=eval_, report=report)
+        self.pad_token_id = require_pad_token(ctx.tokenizer)
+        return load_splits(self.config, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer, report))
 
     def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
         encoded = [self._encode(where, row, tokenizer) for where, row in read_rows(path)]
         if not encoded:
             raise DataError(f"{path}: the file has no rows")
         skipped = DataReport()
-        examples = [e for e in (self._fit(enc, skipped) for enc in encoded) if e is not None]
-        if not examples:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.skipped.items())
-            raise DataError(f"{path}: every row was skipped ({reasons})")
-        for reason, n in skipped.skipped.items():
-            report.skip(reason, n)
-        return examples
+        return keep_fitting(path, [self._fit(enc, skipped) for enc in encoded], skipped, report)
 
     # ----------------------------------------------------------------------------------
     # Checking and tokenizing
@@ -317,17 +283,3 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], where: str, generati
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # templates raise whatever their authors chose
         raise DataError(f"{where}: the chat template failed on this conversation: {exc}") from None
-
-
-def _hold_out(examples: list[Example], fraction: float, seed: int, path: Path) -> tuple[list[Example], list[Example]]:
-    """Split off ``fraction`` of the pairs (at least one) by a seeded shuffle; both keep file order."""
-    n_eval = max(1, round(len(examples) * fraction))
-    if n_eval >= len(examples):
-        raise DataError(
-            f"{path}: {len(examples)} usable rows are too few to hold out eval_fraction {fraction} "
-            "and keep some for training"
-        )
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]

@@ -7,31 +7,26 @@ with ``input_ids`` (the loss shifts them), ``-100`` where no loss is taken.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import PositiveInt
 
-from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalFile
-from aligntk.datafiles import describe_type, read_rows
+from aligntk import Batch, DataContext, DataError, DataReport, DataSplits, Example
+from aligntk.datafiles import FileDataConfig, describe_type, keep_fitting, load_splits, read_rows, require_pad_token
 
 IGNORE_INDEX = -100
 
 Truncation = Literal["right", "left", "drop", "error"]
 
 
-class SFTDataConfig(ComponentConfig):
-    """Options of the ``sft`` data component.
+class SFTDataConfig(FileDataConfig):
+    """Options of the ``sft`` data component (with ``path``, ``eval_path``, ``eval_fraction``).
 
     Attributes:
-        path: the training file (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``).
-        eval_path: an evaluation file in the same formats.
-        eval_fraction: without ``eval_path``, the share of training rows held out for
-            evaluation (a shuffle seeded with the run's seed picks them).
         max_length: the most tokens in one sequence.
         truncation: what to do with a longer sequence. ``right`` cuts its end; ``left`` cuts
             the start of the prompt and keeps the completion (cutting the completion's end
@@ -44,9 +39,6 @@ class SFTDataConfig(ComponentConfig):
         messages_key: the column holding a conversation.
     """
 
-    path: LocalFile
-    eval_path: LocalFile | None = None
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_length: PositiveInt = 512
     truncation: Truncation = "right"
     include_prompt: bool = False
@@ -54,12 +46,6 @@ class SFTDataConfig(ComponentConfig):
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     messages_key: str = "messages"
-
-    @model_validator(mode="after")
-    def _one_eval_source(self) -> SFTDataConfig:
-        if self.eval_path is not None and self.eval_fraction > 0:
-            raise ValueError("give 'eval_path' or 'eval_fraction', not both")
-        return self
 
 
 @dataclass
@@ -113,39 +99,19 @@ class SFTData:
             DataError: a file or row is bad (the message names the file and line), the
                 tokenizer has no pad token, or a file yields no usable example.
         """
-        tokenizer = ctx.tokenizer
-        if tokenizer.pad_token_id is None:
-            raise DataError(
-                "the tokenizer has no pad token; name one in the recipe, for example model.pad_token: '</s>'"
-            )
-        self.pad_token_id = tokenizer.pad_token_id
-        report = DataReport()
-        train = self._read(self.config.path, tokenizer, report)
-        if self.config.eval_path is not None:
-            eval_ = self._read(self.config.eval_path, tokenizer, report)
-        elif self.config.eval_fraction > 0:
-            train, eval_ = _hold_out(train, self.config.eval_fraction, ctx.seed, self.config.path)
-        else:
-            eval_ = []
-        report.rows = {"train": len(train), "eval": len(eval_)}
-        return DataSplits(train=train, eval=eval_, report=report)
+        self.pad_token_id = require_pad_token(ctx.tokenizer)
+        return load_splits(self.config, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer, report))
 
     def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
         rows = [self._parse(where, row) for where, row in read_rows(path)]
         if not rows:
             raise DataError(f"{path}: the file has no rows")
-        examples = []
         skipped = DataReport()
-        for row in rows:
-            encoded = self._encode_pair(row, tokenizer) if isinstance(row, _Pair) else self._encode_chat(row, tokenizer)
-            example = self._fit(encoded, skipped)
-            if example is not None:
-                examples.append(example)
-        if not examples:
-            raise DataError(f"{path}: every row was skipped ({_reasons(skipped)})")
-        for reason, n in skipped.skipped.items():
-            report.skip(reason, n)
-        return examples
+        fitted = [
+            self._fit(self._encode_pair(row, tokenizer) if isinstance(row, _Pair) else self._encode_chat(row, tokenizer), skipped)
+            for row in rows
+        ]
+        return keep_fitting(path, fitted, skipped, report)
 
     def _parse(self, where: str, row: dict[str, Any]) -> _Pair | _Chat:
         """Check a row's shape: a conversation, or a prompt and a completion."""
@@ -332,23 +298,3 @@ def _assistant_spans(row: _Chat, tokenizer: Any) -> tuple[str, list[tuple[int, i
         spans.append((len(before), len(through)))
         prompt_text = before
     return text, spans, prompt_text
-
-
-def _hold_out(examples: list[Example], fraction: float, seed: int, path: Path) -> tuple[list[Example], list[Example]]:
-    """Split off ``fraction`` of the examples (at least one) by a seeded shuffle; both keep file order."""
-    n_eval = max(1, round(len(examples) * fraction))
-    if n_eval >= len(examples):
-        raise DataError(
-            f"{path}: {len(examples)} usable rows are too few to hold out eval_fraction {fraction} "
-            "and keep some for training"
-        )
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    train = [e for i, e in enumerate(examples) if i not in held]
-    eval_ = [e for i, e in enumerate(examples) if i in held]
-    return train, eval_
-
-
-def _reasons(report: DataReport) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in report.skipped.items())
