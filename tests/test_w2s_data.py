@@ -128,3 +128,36 @@ def test_label_examples_writes_a_file_the_data_reads(tmp_path: Path) -> None:
     path = write_labels(tmp_path / "run" / "weak_labels.jsonl", probs)
     again, relabelled = load(tmp_path, ROWS, num_classes=3, soft_labels_path=path)
     assert torch.allclose(again.collate(relabelled)["soft_labels"], probs, atol=1e-6)
+
+
+def test_label_tokens_of_a_causal_lm_classify(tmp_path: Path) -> None:
+    from aligntk_w2s.data import class_logits
+
+    from aligntk.testing import read_metrics, run_recipe, tiny_model, write_tiny_assets
+
+    tok = char_tokenizer("0123456789")
+    data, examples = load(tmp_path, ROWS, num_classes=3, label_tokens=["a", "b", "c"])
+    batch = data.collate(examples)
+    ids = [tok("a", add_special_tokens=False)["input_ids"][0], tok("b", add_special_tokens=False)["input_ids"][0],
+           tok("c", add_special_tokens=False)["input_ids"][0]]
+    assert batch["label_token_ids"].tolist() == [ids] * 3
+    model = tiny_model(tok)
+    logits = class_logits(model, batch)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    last = [1, 2, 0]  # the last real token of "12", "987", "5"
+    expected = torch.stack([full[i, last[i], ids] for i in range(3)])
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(DataError, match="are not single tokens"):
+        load(tmp_path, ROWS, num_classes=3, label_tokens=["ab", "b", "c"])
+
+    # Both ways train through the same losses: a causal LM policy with w2s_ce.
+    recipe = write_tiny_assets(tmp_path / "assets")
+    rows = [{"text": f"{a}{b}", "label": int(a > b)} for a in range(10) for b in range(10)]
+    write_jsonl(tmp_path / "cls.jsonl", rows)
+    recipe["data"] = {"name": "classification", "path": str(tmp_path / "cls.jsonl"),
+                      "eval_path": str(tmp_path / "cls.jsonl"), "label_tokens": ["0", "1"]}
+    recipe["loss"] = {"name": "w2s_ce"}
+    recipe["evaluators"] = [{"name": "accuracy"}]
+    result = run_recipe(recipe, ["train.max_steps=2"])
+    assert [r["step"] for r in read_metrics(result.run_dir)] == [1, 2]
+    assert 0.0 <= result.last_eval["accuracy"] <= 1.0

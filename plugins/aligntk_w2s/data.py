@@ -33,6 +33,9 @@ class ClassificationDataConfig(ComponentConfig):
         label_key: the column holding the class, an integer in ``[0, num_classes)``.
         num_classes: the number of classes ``C``.
         max_length: the most tokens kept per text (longer texts are cut at the end).
+        label_tokens: classify with a causal LM instead of a classification head: one
+            single-token string per class (for example ``["no", "yes"]``); the class
+            logits are the LM's next-token logits for these tokens after the text.
         soft_labels_path: a labels file (JSON Lines of ``{"index": i, "probs": [...]}``, or
             ``{"probs": [...]}`` aligned with the training rows) whose probabilities replace
             the ground truth as training targets. ``label`` keeps the ground truth.
@@ -45,6 +48,7 @@ class ClassificationDataConfig(ComponentConfig):
     num_classes: int = Field(2, ge=2)
     max_length: PositiveInt = 128
     soft_labels_path: LocalFile | None = None
+    label_tokens: list[str] | None = None
 
 
 def read_examples(path: Path, text_key: str, label_key: str, num_classes: int) -> list[tuple[str, str, int]]:
@@ -129,12 +133,30 @@ def collate_classification(examples: Sequence[Example], pad_token_id: int) -> Ba
         ids = ex["input_ids"]
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "soft_labels": torch.tensor([ex["soft_labels"] for ex in examples], dtype=torch.float32),
         "labels_int": torch.tensor([ex["label"] for ex in examples], dtype=torch.long),
     }
+    if "label_token_ids" in examples[0]:
+        batch["label_token_ids"] = torch.tensor([ex["label_token_ids"] for ex in examples], dtype=torch.long)
+    return batch
+
+
+def class_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Class logits ``[N, C]`` from a classification head, or from a causal LM's label tokens.
+
+    With ``label_token_ids`` ``[N, C]`` in the batch, the logits are the LM's next-token
+    logits after each text's last real token (right padding), at the label tokens.
+    """
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    ids = batch.get("label_token_ids")
+    if ids is None:
+        return out
+    last = batch["attention_mask"].to(device).sum(dim=1) - 1
+    return out[torch.arange(out.size(0), device=device), last].gather(-1, ids.to(device))
 
 
 class ClassificationData:
@@ -162,6 +184,7 @@ class ClassificationData:
         if ctx.tokenizer.pad_token_id is None:
             raise DataError("the tokenizer has no pad token; name one in the recipe (model.pad_token)")
         self.pad_token_id = ctx.tokenizer.pad_token_id
+        self.label_token_ids = self._label_token_ids(ctx.tokenizer)
         train = self._read(c.path, ctx.tokenizer)
         if c.soft_labels_path is not None:
             soft = read_soft_labels(c.soft_labels_path, len(train), c.num_classes)
@@ -170,6 +193,18 @@ class ClassificationData:
         eval_ = self._read(c.eval_path, ctx.tokenizer) if c.eval_path is not None else []
         report = DataReport(rows={"train": len(train), "eval": len(eval_)})
         return DataSplits(train=train, eval=eval_, report=report)
+
+    def _label_token_ids(self, tokenizer: Any) -> list[int] | None:
+        tokens = self.config.label_tokens
+        if tokens is None:
+            return None
+        if len(tokens) != self.config.num_classes:
+            raise DataError(f"data.label_tokens: {len(tokens)} tokens for {self.config.num_classes} classes")
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in tokens]
+        bad = [t for t, i in zip(tokens, ids) if len(i) != 1]
+        if bad:
+            raise DataError(f"data.label_tokens: {bad} are not single tokens for this tokenizer")
+        return [i[0] for i in ids]
 
     def _read(self, path: Path, tokenizer: Any) -> list[Example]:
         c = self.config
@@ -181,7 +216,10 @@ class ClassificationData:
                 raise DataError(f"{where}: the text has no tokens")
             one_hot = [0.0] * c.num_classes
             one_hot[label] = 1.0
-            examples.append({"input_ids": list(ids), "soft_labels": one_hot, "label": label, "index": index})
+            example = {"input_ids": list(ids), "soft_labels": one_hot, "label": label, "index": index}
+            if self.label_token_ids is not None:
+                example["label_token_ids"] = self.label_token_ids
+            examples.append(example)
         return examples
 
     def collate(self, examples: Sequence[Example]) -> Batch:

@@ -17,7 +17,7 @@ from pydantic import PositiveInt
 
 from aligntk import Batch, ComponentConfig, DataError, Example
 
-from .data import collate_classification
+from .data import class_logits, collate_classification
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -47,16 +47,13 @@ def label_examples(
     """
     if not examples:
         raise DataError("there are no examples to label")
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     try:
         for start in range(0, len(examples), batch_size):
             batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))])
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
+            logits = class_logits(model, batch)
             out.append(torch.softmax(logits.float(), dim=-1).cpu())  # float32 softmax, as the losses do
     finally:
         model.train(was_training)

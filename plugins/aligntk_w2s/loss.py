@@ -17,6 +17,7 @@ from pydantic import Field
 from aligntk import ComponentConfig, LossOutput, Models
 from aligntk.types import Batch
 
+from .data import class_logits
 from .losses import IGNORE_INDEX, aux_alpha, aux_conf_loss, label_ce, product_loss, token_distill
 
 CLASSIFICATION_FIELDS = frozenset({"input_ids", "attention_mask", "soft_labels"})
@@ -24,7 +25,7 @@ CLASSIFICATION_FIELDS = frozenset({"input_ids", "attention_mask", "soft_labels"}
 
 def _classifier_logits(models: Models, batch: Batch) -> torch.Tensor:
     """The policy's class logits ``[N, C]``, checked against the width of ``soft_labels``."""
-    logits = models.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = class_logits(models.policy, batch)
     if logits.shape != batch["soft_labels"].shape:
         raise ValueError(
             f"the policy gives logits of shape {tuple(logits.shape)} but soft_labels have shape "
