@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, PositiveInt
 
 from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalFile, Models
-from aligntk.datafiles import read_rows
+from aligntk.datafiles import read_rows, require_pad_token
 from aligntk.generation import left_pad
 from aligntk.models import unwrap
 
@@ -52,8 +52,7 @@ class RolloutData:
     def load(self, ctx: DataContext) -> DataSplits:
         if not ctx.rewards:
             raise DataError("rollout data needs rewards: add a 'rewards' list to the recipe")
-        if ctx.tokenizer.pad_token_id is None:
-            raise DataError("the tokenizer has no pad token; set model.pad_token in the recipe")
+        require_pad_token(ctx.tokenizer)
         self.tokenizer, self.rewards = ctx.tokenizer, ctx.rewards
         report = DataReport()
         train = self._read(self.config.path)

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, PositiveInt
 
 from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalFile
-from aligntk.datafiles import describe_type, read_rows
+from aligntk.datafiles import describe_type, read_rows, require_pad_token
 
 #: Batch fields the ``classification`` component provides.
 CLASSIFICATION_PROVIDES = frozenset({"input_ids", "attention_mask", "soft_labels", "labels_int"})
@@ -181,9 +181,7 @@ class ClassificationData:
                 tokenizer has no pad token.
         """
         c = self.config
-        if ctx.tokenizer.pad_token_id is None:
-            raise DataError("the tokenizer has no pad token; name one in the recipe (model.pad_token)")
-        self.pad_token_id = ctx.tokenizer.pad_token_id
+        self.pad_token_id = require_pad_token(ctx.tokenizer)
         self.label_token_ids = self._label_token_ids(ctx.tokenizer)
         train = self._read(c.path, ctx.tokenizer)
         if c.soft_labels_path is not None:
