@@ -85,6 +85,7 @@ def main() -> None:
     aligntk run recipes/quickstart.yaml            train
     aligntk validate recipes/quickstart.yaml       check a recipe, load nothing
     aligntk plugins                                list plugins and components
+    aligntk bench benchmarks/methods/suite.yaml    compare variants x seeds, write tables and plots
     """
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
 
@@ -173,6 +174,32 @@ def plugins_cmd(verbose: bool) -> None:
             if verbose:
                 for line in _options(reg.cls):
                     click.echo(f"              {line}")
+        for suite in (s for s in plugins.suites.values() if s.plugin == info.name):
+            click.echo(f"    {'suite':<9} {suite.name}  ({suite.path})")
         hooks = plugins.lifecycle_hooks(info.name)
         if hooks:
             click.echo(f"    {'hooks':<9} {', '.join(hooks)}")
+
+
+@main.command()
+@click.argument("suite")
+@click.argument("overrides", nargs=-1)
+@click.option("--out", type=click.Path(file_okay=False), help="Results folder (default: the suite's output_dir).")
+@click.option("--only", multiple=True, metavar="VARIANT", help="Run only this variant (and its parents); repeatable.")
+@click.option("--overwrite", is_flag=True, help="Replace a results folder that already holds files.")
+@_user_errors
+def bench(suite: str, overrides: tuple[str, ...], out: str | None, only: tuple[str, ...], overwrite: bool) -> None:
+    """Run SUITE (a suite YAML file or a plugin-registered suite name): variants x seeds.
+
+    OVERRIDES are KEY.PATH=VALUE pairs on the suite (e.g. seeds=[0] budget.max_steps=20).
+    Writes results.md, results.csv, results.json and PNG plots into one folder.
+    """
+    from .bench import run_suite  # torch and transformers load only when running
+
+    command = " ".join(["aligntk bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None
+    records = run_suite(
+        suite, _plugins(), out=out, only=only, overrides=overrides, overwrite=overwrite, echo=click.echo, command=command
+    )
+    failed = [r for r in records if r.status != "ok"]
+    if failed:
+        click.echo(f"{len(failed)} of {len(records)} runs did not finish (see results.md)", err=True)

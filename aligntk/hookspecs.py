@@ -152,3 +152,22 @@ def aligntk_on_run_end(run: RunInfo, metrics: dict[str, Any], error: BaseExcepti
     ``metrics`` holds the last step's and last evaluation's values; ``error`` is the
     exception that ended the run, or ``None``.
     """
+
+
+# --------------------------------------------------------------------------------------
+# Benchmark suites: called once at start-up, in every plugin
+# --------------------------------------------------------------------------------------
+
+#: ``register(name, path_to_suite_yaml)``: the callback ``aligntk_register_suites`` receives.
+RegisterSuite = Callable[[str, str | Path], None]
+
+
+@hookspec
+def aligntk_register_suites(register: RegisterSuite) -> None:
+    """Register benchmark suites by name: ``register("arith-methods", Path(__file__).parent / "suite.yaml")``.
+
+    Called once when plugins are loaded; every plugin's implementation is called and the
+    names are collected into one table (a name registered twice is an error naming both
+    plugins). ``aligntk bench NAME`` runs the suite file registered as ``NAME`` exactly as
+    ``aligntk bench path/to/suite.yaml`` would; ``aligntk plugins`` lists the names.
+    """

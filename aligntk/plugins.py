@@ -10,16 +10,18 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import DuplicateComponentError
+from .errors import DuplicateComponentError, PluginError
 from .registry import KINDS, Registry
 
 hookimpl = pluggy.HookimplMarker("aligntk")
 ENTRY_POINT_GROUP = "aligntk"
+SUITES_HOOK = "aligntk_register_suites"
 
 
 @dataclass
@@ -32,13 +34,23 @@ class PluginInfo:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class RegisteredSuite:
+    """A benchmark suite file a plugin registered by name (``aligntk bench NAME``)."""
+
+    name: str
+    path: Path
+    plugin: str
+
+
 @dataclass
 class Plugins:
-    """The loaded plugins, their components, and the typed lifecycle calls."""
+    """The loaded plugins, their components and suites, and the typed lifecycle calls."""
 
     pm: pluggy.PluginManager
     registry: Registry
     infos: list[PluginInfo] = field(default_factory=list)
+    suites: dict[str, RegisteredSuite] = field(default_factory=dict)
 
     @property
     def broken(self) -> list[PluginInfo]:
@@ -50,7 +62,7 @@ class Plugins:
         if plugin is None:
             return []
         callers = self.pm.get_hookcallers(plugin) or []
-        registration = {*KINDS.values(), "aligntk_register_commands"}
+        registration = {*KINDS.values(), "aligntk_register_commands", SUITES_HOOK}
         return sorted(c.name.removeprefix("aligntk_") for c in callers if c.name not in registration)
 
     def versions(self) -> dict[str, str]:
@@ -119,15 +131,18 @@ def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
         loaded[info.name] = obj
 
     registry = Registry()
+    suites: dict[str, RegisteredSuite] = {}
+    adders = {hook: functools.partial(_register, registry, kind) for kind, hook in KINDS.items()}
+    adders[SUITES_HOOK] = functools.partial(_register_suite, suites)
     failed: set[str] = set()
-    for kind, hook_name in KINDS.items():
+    for hook_name, add in adders.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             info = next(i for i in infos if i.name == impl.plugin_name and i.error is None)
             if impl.hookwrapper or impl.wrapper:
                 info.error = f"{hook_name} must be a plain hook, not a wrapper"
             else:
                 try:
-                    impl.function(register=functools.partial(_register, registry, kind, impl.plugin_name))
+                    impl.function(register=functools.partial(add, impl.plugin_name))
                     continue
                 except DuplicateComponentError:
                     raise  # the user's install problem: name both plugins
@@ -138,9 +153,26 @@ def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
     for name in failed:
         for reg in registry.by_plugin(name):
             del registry.components[reg.kind][reg.name]
+        for suite in [s for s in suites.values() if s.plugin == name]:
+            del suites[suite.name]
         pm.unregister(loaded.pop(name))
-    return Plugins(pm, registry, infos)
+    return Plugins(pm, registry, infos, suites)
 
 
 def _register(registry: Registry, kind: str, plugin: str, name: str, cls: type) -> None:
     registry.add(kind, name, cls, plugin)
+
+
+def _register_suite(suites: dict[str, RegisteredSuite], plugin: str, name: str, path: str | Path) -> None:
+    """Suites have no ``Config``: a name and a YAML file, in their own table."""
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"plugin {plugin!r} registered a suite with an invalid name {name!r}")
+    if not isinstance(path, (str, Path)):
+        raise PluginError(f"plugin {plugin!r}: suite {name!r} path must be a str or Path, got {type(path).__name__}")
+    existing = suites.get(name)
+    if existing is not None:
+        raise DuplicateComponentError(
+            f"suite {name!r} is registered twice: by plugin {existing.plugin!r} and by plugin {plugin!r}; "
+            "uninstall one of them or rename its suite"
+        )
+    suites[name] = RegisteredSuite(name, Path(path), plugin)
