@@ -8,7 +8,10 @@ from __future__ import annotations
 from .errors import AligntkError, DataError, PluginError, RecipeError, TrainingError
 from .plugins import hookimpl, load_plugins
 from .recipe import LocalFile, LocalPath
+from .parts import Part, part
 from .types import (
+    AdvantageEstimator,
+    Aggregation,
     Batch,
     ComponentConfig,
     DataComponent,
@@ -17,17 +20,21 @@ from .types import (
     DataSplits,
     Evaluator,
     Example,
+    KLEstimator,
     LossComponent,
     LossOutput,
     Models,
     RewardComponent,
     RunInfo,
+    Scored,
     UpdateStep,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdvantageEstimator",
+    "Aggregation",
     "AligntkError",
     "Batch",
     "ComponentConfig",
@@ -38,17 +45,21 @@ __all__ = [
     "DataSplits",
     "Evaluator",
     "Example",
+    "KLEstimator",
     "LocalFile",
     "LocalPath",
     "LossComponent",
     "LossOutput",
     "Models",
+    "Part",
     "PluginError",
     "RecipeError",
     "RewardComponent",
     "RunInfo",
+    "Scored",
     "TrainingError",
     "UpdateStep",
     "hookimpl",
     "load_plugins",
+    "part",
 ]

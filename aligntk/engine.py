@@ -26,7 +26,17 @@ from safetensors.torch import load_file, save_file
 from . import checkpoint as ckpt
 from .distributed import Dist, init_distributed, shutdown
 from .errors import AligntkError, TrainingError
-from .models import Frozen, build_model, count_parameters, frozen_copy, load_tokenizer, save_pretrained, unwrap
+from .models import (
+    Frozen,
+    attach_heads,
+    build_model,
+    count_parameters,
+    frozen_copy,
+    heads_of,
+    load_tokenizer,
+    save_pretrained,
+    unwrap,
+)
 from .plugins import Plugins
 from .precision import Precision
 from .recipe import ResolvedRecipe
@@ -103,7 +113,10 @@ def train(
         _check_setup(resolved, splits, d)
 
         update = resolved.update.build()
-        policy = update.prepare(policy).to(d.device)
+        losses = [c.build() for c in resolved.losses]
+        policy = update.prepare(policy)
+        attach_heads(policy, _declared_heads(losses, policy))
+        policy = policy.to(d.device)
         if spec.gradient_checkpointing:
             _enable_checkpointing(unwrap(policy))
         optimizer, scheduler = update.configure(policy, spec.max_steps)
@@ -121,6 +134,8 @@ def train(
             policy = torch.nn.parallel.DistributedDataParallel(
                 policy, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
+        if spec.compile:
+            policy = torch.compile(policy)
         models["policy"] = policy
         if d.is_main:
             start_run_dir(run_dir, resolved, plugins, splits, fresh=resume_from is None)
@@ -144,10 +159,10 @@ def train(
             d=d,
             info=info,
             tokenizer=tokenizer,
-            models=Models(models),
+            models=Models(models, heads=heads_of(policy)),
             data=data,
             splits=splits,
-            losses=[c.build() for c in resolved.losses],
+            losses=losses,
             weights=[c.weight for c in resolved.losses],
             evaluators=[(c.name, c.build()) for c in resolved.evaluators],
             update=update,
@@ -176,6 +191,18 @@ def _load_models(
         else:  # the reference defaults to the policy as it starts
             frozen[role] = frozen_copy(policy).to(device)
     return tokenizer, policy, frozen
+
+
+def _declared_heads(losses: list[LossComponent], policy: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The trainable heads the losses declare (``LossComponent.heads``), by name."""
+    heads: dict[str, torch.nn.Module] = {}
+    for loss in losses:
+        make = getattr(loss, "heads", None)
+        for name, head in (make(unwrap(policy)) if make else {}).items():
+            if name in heads:
+                raise AligntkError(f"two losses declare a trainable head named {name!r}")
+            heads[name] = head
+    return heads
 
 
 def _check_setup(resolved: ResolvedRecipe, splits: DataSplits, d: Dist) -> None:
@@ -265,6 +292,7 @@ class _Trainer:
         self.metrics_file = self.info.run_dir / "metrics.jsonl"
         self.tokens_seen = 0
         self.cache = {}
+        self._rollouts: tuple[int, list[Batch]] | None = None
         names = [c.name for c in self.resolved.losses]
         # Metric prefixes: the loss name, with its index when a recipe uses a loss twice.
         self.loss_keys = [n if names.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(names)]
@@ -318,12 +346,24 @@ class _Trainer:
         return result
 
     def micro_batches(self, step: int) -> list[Batch]:
-        """This process's micro-batches for optimizer step ``step`` (1-based), on the device."""
+        """This process's micro-batches for optimizer step ``step`` (1-based), on the device.
+
+        Online data with ``iterations = k`` samples once every ``k`` steps and trains
+        ``k`` optimizer steps on the same rollouts: their old log-probs are from sampling
+        time, so the clipped ratio is right on every step.
+        """
         train = self.splits.train
-        indices = global_batch_indices(step - 1, len(train), self.global_batch, self.resolved.recipe.seed)
+        reuse = getattr(self.data, "iterations", 1) if hasattr(self.data, "rollout") else 1
+        block = (step - 1) // reuse
+        if self._rollouts is not None and self._rollouts[0] == block:
+            return self._rollouts[1]
+        indices = global_batch_indices(block, len(train), self.global_batch, self.resolved.recipe.seed)
         mine = indices[self.d.rank * self.per_rank : (self.d.rank + 1) * self.per_rank]
         size = self.spec.batch_size
-        return [self.batch("train", mine[j : j + size]) for j in range(0, len(mine), size)]
+        batches = [self.batch("train", mine[j : j + size]) for j in range(0, len(mine), size)]
+        if reuse > 1:
+            self._rollouts = (block, batches)
+        return batches
 
     def batch(self, split: str, indices: Sequence[int]) -> Batch:
         """Collate examples ``indices`` of ``split``, add their cached fields, move to the device."""

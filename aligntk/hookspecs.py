@@ -80,6 +80,39 @@ def aligntk_register_rewards(register: Register) -> None:
 
 
 @hookspec
+def aligntk_register_advantages(register: Register) -> None:
+    """Register advantage estimators: ``register("gae", GAE)``.
+
+    An advantage estimator (``aligntk.types.AdvantageEstimator``) turns scored
+    samples (``aligntk.types.Scored``: rewards, completion mask, log-probs at
+    sampling time, values) into per-token advantages and, for a learned value,
+    returns. Online data picks one by name (``advantage: rloo``), so every online
+    method is compared under the same estimator.
+    """
+
+
+@hookspec
+def aligntk_register_kl_estimators(register: Register) -> None:
+    """Register per-token KL estimators: ``register("k3", K3)``.
+
+    A KL estimator (``aligntk.types.KLEstimator``) maps token log-probs of the
+    policy and the reference, ``[B, T]`` each, to a per-token estimate of
+    ``KL(policy || reference)``. Losses pick one by name (``kl: k3``).
+    """
+
+
+@hookspec
+def aligntk_register_aggregations(register: Register) -> None:
+    """Register loss aggregations: ``register("token", TokenMean)``.
+
+    An aggregation (``aligntk.types.Aggregation``) reduces a per-token loss
+    ``[B, T]`` under a mask to a sum, and says how many units that sum is over
+    (``count``), so the engine divides by the global count. Losses pick one by
+    name (``aggregation: sequence``).
+    """
+
+
+@hookspec
 def aligntk_register_evaluators(register: Register) -> None:
     """Register evaluators: ``register("exact_match", GenerationExactMatch)``.
 

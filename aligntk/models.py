@@ -120,12 +120,39 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+#: Name of the submodule holding the losses' trainable heads inside the policy.
+HEADS = "aligntk_heads"
+
+
+def attach_heads(model: torch.nn.Module, heads: dict[str, torch.nn.Module]) -> None:
+    """Make ``heads`` part of the policy: trained, clipped and checkpointed with it."""
+    if heads:
+        unwrap(model).add_module(HEADS, torch.nn.ModuleDict(heads))
+
+
+def heads_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    found = getattr(unwrap(model), HEADS, None)
+    return dict(found.items()) if found is not None else {}
+
+
 def save_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """Save in Hugging Face format (safetensors) so transformers ``from_pretrained`` loads it back."""
+    """Save in Hugging Face format (safetensors) so transformers ``from_pretrained`` loads it back.
+
+    Trainable heads are not part of the Hugging Face model: they go to ``heads.safetensors``.
+    """
+    from safetensors.torch import save_model
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the run's own progress output is enough
-    unwrap(model).save_pretrained(folder)
+    inner = unwrap(model)
+    heads = inner._modules.pop(HEADS, None)
+    try:
+        inner.save_pretrained(folder)
+    finally:
+        if heads is not None:
+            inner.add_module(HEADS, heads)
+    if heads is not None:
+        save_model(heads, str(Path(folder) / "heads.safetensors"))
     tokenizer.save_pretrained(folder)
 
 

@@ -103,6 +103,7 @@ class TrainSpec(StrictModel):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="run the policy's training forward through torch.compile")
     eval_every: PositiveInt | None = None
     eval_batch_size: PositiveInt | None = None
     save_every: PositiveInt | None = None
@@ -279,7 +280,7 @@ def validate_recipe(raw: dict[str, Any], registry: Registry, source: str | Path 
         options = dict(spec.model_extra or {})
         weight = getattr(spec, "weight", 1.0)
         try:
-            config = reg.cls.Config.model_validate(options, context={"base_dir": base_dir})
+            config = reg.cls.Config.model_validate(options, context={"base_dir": base_dir, "registry": registry})
         except ValidationError as exc:
             raise RecipeError(prefix + format_errors(exc, reg.cls.Config, tuple(key.split(".")))) from None
         return Component(spec.name, reg.cls, config, weight)

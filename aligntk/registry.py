@@ -14,6 +14,9 @@ KINDS: dict[str, str] = {
     "update": "aligntk_register_update_steps",
     "reward": "aligntk_register_rewards",
     "evaluator": "aligntk_register_evaluators",
+    "advantage": "aligntk_register_advantages",
+    "kl": "aligntk_register_kl_estimators",
+    "aggregation": "aligntk_register_aggregations",
 }
 
 
@@ -51,10 +54,15 @@ class Registry:
         known = self.components[kind]
         if name in known:
             return known[name]
+        raise RecipeError(f"{key_path}: {self.unknown(kind, name)}")
+
+    def unknown(self, kind: str, name: str) -> str:
+        """``unknown <kind> 'x', did you mean 'y'? (installed: ...)``."""
+        known = self.components[kind]
         close = difflib.get_close_matches(name, known, n=1)
         hint = f", did you mean {close[0]!r}?" if close else ""
         names = ", ".join(sorted(known)) or "none"
-        raise RecipeError(f"{key_path}: unknown {kind} {name!r}{hint} (installed: {names})")
+        return f"unknown {kind} {name!r}{hint} (installed: {names})"
 
     def by_plugin(self, plugin: str) -> list[Registered]:
         return [r for kind in self.components.values() for r in kind.values() if r.plugin == plugin]

@@ -55,8 +55,10 @@ class Models(Mapping[str, torch.nn.Module]):
     them runs in eval mode under ``torch.no_grad()``.
     """
 
-    def __init__(self, models: Mapping[str, torch.nn.Module]):
+    def __init__(self, models: Mapping[str, torch.nn.Module], heads: Mapping[str, torch.nn.Module] | None = None):
         self._models = dict(models)
+        #: Trainable heads the losses declared (``LossComponent.heads``), by name.
+        self.heads: dict[str, torch.nn.Module] = dict(heads or {})
 
     def __getitem__(self, role: str) -> torch.nn.Module:
         try:
@@ -145,6 +147,12 @@ class LossComponent(Protocol):
     engine runs it once over every example before training, keeps the results in
     ``cache/`` in the run folder, and adds them to each batch under the returned names.
 
+    Optional: ``heads(model) -> dict[str, nn.Module]`` declares small trainable
+    modules trained with the policy (PPO's value head, say). The engine builds them
+    once, trains them with the policy's optimizer, checkpoints them with it, saves them
+    to ``model/heads.safetensors`` and hands them to losses and data as
+    ``models.heads[name]``.
+
     Optional: a loss whose value follows the training schedule (a coefficient ramped
     over a warm-up fraction, say) defines ``start_step(step, max_steps)``; the engine
     calls it before each optimizer step (``step`` counts from 1).
@@ -204,6 +212,69 @@ class Evaluator(Protocol):
     def __call__(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
     ) -> dict[str, float]: ...
+
+
+@dataclass
+class Scored:
+    """Sampled completions with their scores, as an advantage estimator sees them.
+
+    Every tensor is ``[N, T]`` and aligned with the token ids: position ``t`` holds the
+    log-probability (or value) of token ``t`` given those before it.
+
+    Attributes:
+        rewards: ``[N]`` one scalar reward per completion.
+        group_size: completions per prompt; rows ``[k * G, (k + 1) * G)`` share a prompt.
+        mask: 1.0 on completion tokens, 0.0 on prompt and padding.
+        logps: the policy's token log-probs at sampling time.
+        ref_logps: the reference's token log-probs, or ``None`` when there is no reference.
+        values: the value head's estimate before each token, or ``None`` without one.
+    """
+
+    rewards: torch.Tensor
+    group_size: int
+    mask: torch.Tensor
+    logps: torch.Tensor
+    ref_logps: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+@runtime_checkable
+class AdvantageEstimator(Protocol):
+    """Turns scored samples into per-token advantages ``[N, T]`` (0 off the mask).
+
+    Returns ``(advantages, returns)``; ``returns`` (the value head's regression
+    target, ``[N, T]``) is ``None`` for estimators without a learned value.
+    ``needs_values`` tells the data component to run the value head at sampling time.
+    """
+
+    Config: ClassVar[type[ComponentConfig]]
+    needs_values: ClassVar[bool]
+
+    def __call__(self, scored: Scored) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+@runtime_checkable
+class KLEstimator(Protocol):
+    """Per-token estimate of ``KL(policy || reference)`` from log-probs ``[B, T]`` each."""
+
+    Config: ClassVar[type[ComponentConfig]]
+
+    def __call__(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Aggregation(Protocol):
+    """Reduces a per-token loss ``[B, T]`` under a 0/1 ``mask`` to a sum over units.
+
+    ``count(mask)`` is the number of units the sum is over (tokens, sequences); the
+    engine divides the sum by the count over the whole global batch.
+    """
+
+    Config: ClassVar[type[ComponentConfig]]
+
+    def __call__(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+    def count(self, mask: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass

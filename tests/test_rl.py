@@ -9,17 +9,19 @@ from typing import Any
 import pytest
 import torch
 from aligntk_rl import GRPOLoss, RolloutData
-from aligntk_rl.estimators import group_advantages, kl_k1, kl_k3, rloo_advantages, token_logps
+from aligntk_rl.estimators import K1, K2, K3, KLConfig, group_advantages, rloo_advantages, token_logps
 
 from aligntk import ComponentConfig, Models, hookimpl
 from aligntk.testing import char_tokenizer, read_metrics, run_recipe, tiny_model
 
 
 def test_kl_estimators_known_values() -> None:
+    k1, k2, k3 = K1(KLConfig()), K2(KLConfig()), K3(KLConfig())
     logps, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
-    assert kl_k1(logps, ref).item() == pytest.approx(math.log(2))
-    assert kl_k3(logps, ref).item() == pytest.approx(0.5 + math.log(2) - 1)
-    assert kl_k3(ref, ref).item() == 0.0
+    assert k1(logps, ref).item() == pytest.approx(math.log(2))
+    assert k2(logps, ref).item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert k3(logps, ref).item() == pytest.approx(0.5 + math.log(2) - 1)
+    assert k3(ref, ref).item() == 0.0
 
 
 def test_group_normalization_and_leave_one_out() -> None:
@@ -39,7 +41,8 @@ def _rollout_batch(model: torch.nn.Module, tok: Any) -> dict[str, torch.Tensor]:
     for prompt, completion, adv in (("1+1=", "2", 1.5), ("3+4=", "71", -0.5), ("9+9=", "18", 0.25)):
         p = tok(prompt)["input_ids"]
         c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append({"input_ids": p + c, "labels": [-100] * len(p) + c, "advantage": adv, "reward": adv})
+        advantages = [0.0] * len(p) + [adv] * len(c)
+        rows.append({"input_ids": p + c, "labels": [-100] * len(p) + c, "advantages": advantages, "reward": adv})
     tokens = data.collate_tokens(rows)
     with torch.no_grad():
         old = token_logps(model(**{k: tokens[k] for k in ("input_ids", "attention_mask")}).logits, tokens["input_ids"])
@@ -64,13 +67,13 @@ def test_first_step_ratio_is_one_and_gradient_is_advantage_weighted_logprob(aggr
 
     logps = token_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
     mask = (batch["labels"] != -100).float()
-    weighted = -(batch["advantages"][:, None] * logps * mask)
+    weighted = -(batch["advantages"] * logps * mask)
     reference = weighted.sum() if aggregation == "token" else (weighted.sum(1) / mask.sum(1)).sum()
     reference.backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
     # Its value is -A per token (ratio 1), whatever the log-probs.
-    per_token = -(batch["advantages"][:, None] * mask)
+    per_token = -(batch["advantages"] * mask)
     value = per_token.sum() if aggregation == "token" else (per_token.sum(1) / mask.sum(1)).sum()
     assert out.sum.item() == pytest.approx(value.item(), rel=1e-5)
 

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, PositiveInt
 
-from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalFile, Models
+from aligntk import (
+    Batch,
+    ComponentConfig,
+    DataContext,
+    DataError,
+    DataReport,
+    DataSplits,
+    Example,
+    LocalFile,
+    Models,
+    Scored,
+    part,
+)
 from aligntk.datafiles import read_rows, require_pad_token
 from aligntk.generation import left_pad
 from aligntk.models import unwrap
 
-from .estimators import ADVANTAGES, token_logps
+from .loss import policy_forward
 
 
 class RolloutConfig(ComponentConfig):
@@ -23,7 +35,12 @@ class RolloutConfig(ComponentConfig):
         path: prompts (JSONL/JSON/CSV/Parquet) with ``prompt`` and, for rule-based
             rewards, the reference answer under ``completion``.
         num_generations: completions sampled per prompt (the group ``G``).
-        advantage: ``group`` (GRPO) or ``rloo`` (leave-one-out).
+        advantage: a registered advantage estimator: ``group`` (GRPO), ``rloo``
+            (leave-one-out) or ``gae`` (PPO; needs the ``ppo`` loss's value head), with
+            options as a mapping (``{name: gae, lam: 0.9}``).
+        iterations: optimizer steps on each batch of rollouts before sampling again
+            (PPO's epochs, GRPO's ``num_iterations``); the old log-probs are from sampling
+            time, so the clipped ratio is right on every one.
     """
 
     path: LocalFile
@@ -34,7 +51,8 @@ class RolloutConfig(ComponentConfig):
     max_new_tokens: PositiveInt = 16
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    advantage: Literal["group", "rloo"] = "group"
+    advantage: part("advantage") = "group"
+    iterations: PositiveInt = 1
 
 
 class RolloutData:
@@ -44,10 +62,13 @@ class RolloutData:
     Config = RolloutConfig
     provides = frozenset(
         {"input_ids", "attention_mask", "labels", "old_logps", "ref_logps", "advantages", "rewards"}
+        | {"old_values", "returns"}  # with a value-based estimator (gae)
     )
 
     def __init__(self, config: RolloutConfig):
         self.config = config
+        self.iterations = config.iterations
+        self.advantage = config.advantage.build()
 
     def load(self, ctx: DataContext) -> DataSplits:
         if not ctx.rewards:
@@ -99,25 +120,37 @@ class RolloutData:
         for weight, reward in self.rewards:
             scores = reward([e["prompt"] for e in group], texts, references=[e["reference"] for e in group])
             rewards += weight * torch.as_tensor(scores, dtype=torch.float32).cpu()
-        advantages = ADVANTAGES[c.advantage](rewards.view(-1, g)).view(-1)
 
         rows = [
             {"input_ids": e["prompt_ids"] + comp, "labels": [-100] * len(e["prompt_ids"]) + comp}
             for e, comp in zip(group, completions)
         ]
-        batch = self.collate_tokens(rows)
-        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        old = token_logps(policy(**inputs).logits, inputs["input_ids"]).cpu()
-        ref = token_logps(models["reference"](**inputs).logits, inputs["input_ids"]).cpu() if "reference" in models else old
+        batch = {k: v.to(device) for k, v in self.collate_tokens(rows).items()}
+        value_head = self._value_head(models)
+        _, old, values = policy_forward(policy, batch, value_head)
+        ref = policy_forward(models["reference"], batch)[1] if "reference" in models else old
+        mask = (batch["labels"] != -100).float()
+        scored = Scored(rewards=rewards.to(device), group_size=g, mask=mask, logps=old, ref_logps=ref, values=values)
+        advantages, returns = self.advantage(scored)
+        per_token = {"old_logps": old, "ref_logps": ref, "advantages": advantages}
+        if returns is not None:
+            per_token.update(old_values=values, returns=returns)
+        per_token = {k: v.float().cpu() for k, v in per_token.items()}
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
-            row.update(
-                old_logps=old[i, :n].tolist(),
-                ref_logps=ref[i, :n].tolist(),
-                advantage=float(advantages[i]),
-                reward=float(rewards[i]),
-            )
+            row.update({k: v[i, :n].tolist() for k, v in per_token.items()}, reward=float(rewards[i]))
         return rows
+
+    def _value_head(self, models: Models) -> torch.nn.Module | None:
+        if not self.advantage.needs_values:
+            return None
+        head = models.heads.get("value")
+        if head is None:
+            raise DataError(
+                f"advantage {self.config.advantage.name!r} needs a learned value: use the ppo loss, "
+                "which trains a value head"
+            )
+        return head
 
     def collate_tokens(self, rows: Sequence[Example]) -> Batch:
         width = max(len(r["input_ids"]) for r in rows)
@@ -131,9 +164,9 @@ class RolloutData:
     def collate(self, examples: Sequence[Example]) -> Batch:
         batch = self.collate_tokens(examples)
         width = batch["input_ids"].size(1)
-        for name in ("old_logps", "ref_logps"):
-            batch[name] = torch.tensor([e[name] + [0.0] * (width - len(e[name])) for e in examples])
-        batch["advantages"] = torch.tensor([e["advantage"] for e in examples])
+        for name in ("old_logps", "ref_logps", "advantages", "old_values", "returns"):
+            if name in examples[0]:
+                batch[name] = torch.tensor([e[name] + [0.0] * (width - len(e[name])) for e in examples])
         batch["rewards"] = torch.tensor([e["reward"] for e in examples])
         return batch
 

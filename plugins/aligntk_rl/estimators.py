@@ -1,29 +1,41 @@
-"""Advantage and KL estimators shared by the online policy-optimization losses.
+"""Advantage estimators, KL estimators and loss aggregations: registered components.
 
-Small pure functions so that every method is compared under the same normalization.
+Every online method picks them by name (``advantage: rloo``, ``kl: k3``,
+``aggregation: sequence``), so methods are compared under the same normalization.
+Each is a pure function of tensors plus a small component class around it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import ClassVar
 
 import torch
+from pydantic import Field, PositiveInt
+
+from aligntk import ComponentConfig, Scored
+
+# --------------------------------------------------------------------------------------
+# Advantage estimators
+# --------------------------------------------------------------------------------------
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
     """GRPO's group-normalized advantages (Shao et al. 2024, https://arxiv.org/abs/2402.03300).
 
     Args:
         rewards: ``[P, G]``: ``G`` completions for each of ``P`` prompts.
         eps: added to the group's standard deviation; a group whose rewards are all equal
             gets advantage 0, not NaN.
+        scale: divide by the group's standard deviation (Dr. GRPO turns it off).
 
     Returns:
         ``[P, G]`` ``(r - mean_g) / (std_g + eps)`` (unbiased std, as TRL's GRPO).
     """
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(mean)
-    return (rewards - mean) / (std + eps)
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return centered
+    std = rewards.std(dim=1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(centered[:, :1])
+    return centered / (std + eps)
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -41,21 +53,232 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (g - 1)
 
 
-ADVANTAGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"group": group_advantages, "rloo": rloo_advantages}
+def gae(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, https://arxiv.org/abs/1506.02438).
+
+    Each row's completion tokens (``mask``) are one episode; the value after its last
+    token is 0. ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``.
+
+    Args:
+        token_rewards, values, mask: ``[N, T]``, aligned with the token ids.
+
+    Returns:
+        ``(advantages, returns)``, ``[N, T]`` each, 0 off the mask; ``returns = A + V``.
+    """
+    n, t_max = mask.shape
+    advantages = torch.zeros_like(values)
+    running = torch.zeros(n, dtype=values.dtype, device=values.device)
+    for t in reversed(range(t_max)):
+        if t + 1 < t_max:
+            next_mask = mask[:, t + 1]
+            next_value = values[:, t + 1] * next_mask
+        else:
+            next_mask = next_value = torch.zeros_like(running)
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running * next_mask) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
 
 
-def kl_k1(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token ``log pi - log pi_ref`` (unbiased for KL(pi || ref), can be negative). Any shape."""
-    return logps - ref_logps
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / std`` over the masked entries; 0 off the mask."""
+    n = mask.sum().clamp(min=1)
+    mean = (values * mask).sum() / n
+    var = (((values - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(var + eps) * mask
 
 
-def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token ``exp(d) - d - 1`` with ``d = log pi_ref - log pi`` (Schulman's k3: unbiased, >= 0)."""
-    d = ref_logps - logps
-    return torch.exp(d) - d - 1
+class GroupConfig(ComponentConfig):
+    """Options of ``group``: ``scale`` by the group's std (off: Dr. GRPO), ``eps`` added to it."""
+
+    scale: bool = True
+    eps: float = Field(1e-4, ge=0)
 
 
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"k1": kl_k1, "k3": kl_k3}
+class GroupAdvantage:
+    """Every token of a completion gets its group-normalized reward (GRPO)."""
+
+    Config = GroupConfig
+    needs_values: ClassVar[bool] = False
+
+    def __init__(self, config: GroupConfig):
+        self.config = config
+
+    def __call__(self, scored: Scored) -> tuple[torch.Tensor, None]:
+        per_seq = group_advantages(scored.rewards.view(-1, scored.group_size), self.config.eps, self.config.scale)
+        return per_seq.reshape(-1, 1) * scored.mask, None
+
+
+class RLOOConfig(ComponentConfig):
+    """``rloo`` has no options."""
+
+
+class RLOOAdvantage:
+    """Every token of a completion gets its reward minus the mean of the rest of its group."""
+
+    Config = RLOOConfig
+    needs_values: ClassVar[bool] = False
+
+    def __init__(self, config: RLOOConfig):
+        self.config = config
+
+    def __call__(self, scored: Scored) -> tuple[torch.Tensor, None]:
+        per_seq = rloo_advantages(scored.rewards.view(-1, scored.group_size))
+        return per_seq.reshape(-1, 1) * scored.mask, None
+
+
+class GAEConfig(ComponentConfig):
+    """Options of ``gae``.
+
+    Attributes:
+        gamma, lam: discount and GAE's bias/variance trade-off.
+        kl_coef: per-token reward ``-kl_coef * (log pi_old - log pi_ref)`` (InstructGPT's
+            KL penalty inside the reward); 0 leaves the KL to the loss's ``beta``.
+        whiten: normalize advantages over the rollout's completion tokens.
+    """
+
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.0, ge=0)
+    whiten: bool = True
+
+
+class GAEAdvantage:
+    """PPO's advantages from a learned value head: the sequence reward on the last
+    completion token, an optional per-token KL penalty, then GAE."""
+
+    Config = GAEConfig
+    needs_values: ClassVar[bool] = True
+
+    def __init__(self, config: GAEConfig):
+        self.config = config
+
+    def __call__(self, scored: Scored) -> tuple[torch.Tensor, torch.Tensor]:
+        c, mask = self.config, scored.mask
+        if scored.values is None:
+            raise ValueError("gae needs the value head's estimates at sampling time")
+        token_rewards = torch.zeros_like(mask)
+        if c.kl_coef and scored.ref_logps is not None:
+            token_rewards = -c.kl_coef * (scored.logps - scored.ref_logps) * mask
+        positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+        last = (positions * mask).argmax(dim=1)  # each completion's final token
+        token_rewards[torch.arange(mask.size(0)), last] += scored.rewards.to(mask.dtype)
+        advantages, returns = gae(token_rewards, scored.values * mask, mask, c.gamma, c.lam)
+        return (whiten(advantages, mask) if c.whiten else advantages), returns
+
+
+# --------------------------------------------------------------------------------------
+# KL estimators (Schulman, "Approximating KL divergence", 2020)
+# --------------------------------------------------------------------------------------
+
+
+class KLConfig(ComponentConfig):
+    """KL estimators have no options."""
+
+
+class K1:
+    """``log pi - log pi_ref``: unbiased for KL(pi || ref), can be negative."""
+
+    Config = KLConfig
+
+    def __init__(self, config: KLConfig):
+        self.config = config
+
+    def __call__(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+        return logps - ref_logps
+
+
+class K2:
+    """``(log pi - log pi_ref)^2 / 2``: biased, low variance, >= 0."""
+
+    Config = KLConfig
+
+    def __init__(self, config: KLConfig):
+        self.config = config
+
+    def __call__(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (logps - ref_logps) ** 2
+
+
+class K3:
+    """``exp(d) - d - 1`` with ``d = log pi_ref - log pi``: unbiased and >= 0 (GRPO's choice)."""
+
+    Config = KLConfig
+
+    def __init__(self, config: KLConfig):
+        self.config = config
+
+    def __call__(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+        d = ref_logps - logps
+        return torch.exp(d) - d - 1
+
+
+# --------------------------------------------------------------------------------------
+# Aggregations: per-token loss [B, T] -> a sum, and the units it is over
+# --------------------------------------------------------------------------------------
+
+
+class AggregationConfig(ComponentConfig):
+    """``token`` and ``sequence`` have no options."""
+
+
+class TokenMean:
+    """Every completion token weighs the same (DAPO): sum over tokens / global token count."""
+
+    Config = AggregationConfig
+
+    def __init__(self, config: AggregationConfig):
+        self.config = config
+
+    def __call__(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (per_token * mask).sum()
+
+    def count(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.sum()
+
+
+class SequenceMean:
+    """Each completion's token mean, then the mean over completions (the GRPO paper)."""
+
+    Config = AggregationConfig
+
+    def __init__(self, config: AggregationConfig):
+        self.config = config
+
+    def __call__(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+
+    def count(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(mask.size(0), device=mask.device)
+
+
+class FixedLengthConfig(ComponentConfig):
+    """Options of ``fixed_length``: ``tokens``, the constant each completion's sum is divided by."""
+
+    tokens: PositiveInt = 16
+
+
+class FixedLength:
+    """Each completion's token sum divided by a constant, then the mean over completions
+    (Dr. GRPO, https://arxiv.org/abs/2503.20783: no length bias from the normalizer)."""
+
+    Config = FixedLengthConfig
+
+    def __init__(self, config: FixedLengthConfig):
+        self.config = config
+
+    def __call__(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (per_token * mask).sum() / self.config.tokens
+
+    def count(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(mask.size(0), device=mask.device)
+
+
+# --------------------------------------------------------------------------------------
+# Token log-probs and the clipped surrogate
+# --------------------------------------------------------------------------------------
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -91,3 +314,17 @@ def clipped_surrogate(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
     return -torch.min(unclipped, clipped), clipped < unclipped
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss per token: ``max((V - R)^2, (V_old + clip(V - V_old) - R)^2) / 2``.
+
+    Returns:
+        ``(loss [B, T], clipped [B, T])``: the loss and whether the clipped term was taken.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    plain = (values - returns) ** 2
+    limited = (clipped_values - returns) ** 2
+    return 0.5 * torch.max(plain, limited), limited > plain

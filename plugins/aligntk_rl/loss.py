@@ -1,39 +1,79 @@
-"""GRPO / PPO-style clipped policy loss with a KL penalty to the reference policy."""
+"""Online policy losses: GRPO and PPO, the clipped surrogate with a KL penalty to the reference.
+
+Both read rollouts (``rollout`` data): token log-probs at sampling time (``old_logps``),
+the reference's (``ref_logps``) and per-token ``advantages``. PPO also trains a value
+head on the policy's last hidden state with PPO's clipped value loss, against the
+``returns`` a value-based advantage estimator (``gae``) computed at sampling time.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
 from pydantic import Field
 
-from aligntk import Batch, ComponentConfig, LossOutput, Models
+from aligntk import Batch, ComponentConfig, LossOutput, Models, TrainingError, part
 
-from .estimators import KL_ESTIMATORS, clipped_surrogate, token_logps
+from .estimators import clipped_surrogate, clipped_value_loss, token_logps
+
+
+class ValueHead(torch.nn.Module):
+    """A scalar value per position from the policy's last hidden state (zero at start)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
+
+
+def policy_forward(
+    policy: torch.nn.Module, batch: Batch, value_head: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(logits, token log-probs [B, T], values [B, T] or None)``, aligned with ``input_ids``.
+
+    ``values[:, t]`` is the value head's estimate before token ``t`` (from the hidden
+    state at ``t - 1``), the same alignment as the log-probs; position 0 is 0.
+    """
+    out = policy(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        use_cache=False,
+        output_hidden_states=value_head is not None,
+    )
+    logps = token_logps(out.logits, batch["input_ids"])
+    if value_head is None:
+        return out.logits, logps, None
+    values = value_head(out.hidden_states[-1][:, :-1])
+    return out.logits, logps, torch.nn.functional.pad(values, (1, 0))
 
 
 class GRPOConfig(ComponentConfig):
-    """Options of the ``grpo`` loss.
+    """Options of the ``grpo`` loss (and, with more, of ``ppo``).
 
     Attributes:
         epsilon, epsilon_high: ratio clip range ``[1 - epsilon, 1 + epsilon_high]``
             (``epsilon_high`` defaults to ``epsilon``; DAPO raises it).
-        beta: weight of the per-token KL penalty to the reference policy.
-        kl: ``k1`` (log-ratio) or ``k3`` (``exp(d) - d - 1``) estimator.
-        aggregation: ``token`` (every completion token weighs the same, as DAPO) or
-            ``sequence`` (each completion's token mean, then the mean over completions,
-            as the GRPO paper).
+        beta: weight of the per-token KL penalty to the reference policy (0: none).
+        kl: a registered KL estimator: ``k1``, ``k2`` or ``k3``.
+        aggregation: a registered aggregation: ``token`` (every completion token weighs
+            the same, as DAPO), ``sequence`` (each completion's token mean, then the mean
+            over completions, as the GRPO paper) or ``fixed_length`` (Dr. GRPO).
     """
 
     epsilon: float = Field(0.2, gt=0)
     epsilon_high: float | None = Field(None, gt=0)
     beta: float = Field(0.04, ge=0)
-    kl: Literal["k1", "k3"] = "k3"
-    aggregation: Literal["token", "sequence"] = "token"
+    kl: part("kl") = "k3"
+    aggregation: part("aggregation") = "token"
 
 
 class GRPOLoss:
-    """The clipped surrogate on sampled completions, with group-normalized advantages from the data."""
+    """The clipped surrogate on sampled completions, with advantages from the data."""
 
     Config = GRPOConfig
     requires = frozenset({"input_ids", "attention_mask", "labels", "old_logps", "ref_logps", "advantages", "rewards"})
@@ -41,37 +81,88 @@ class GRPOLoss:
 
     def __init__(self, config: GRPOConfig):
         self.config = config
+        self.kl = config.kl.build()
+        self.aggregate = config.aggregation.build()
 
     def count(self, batch: Batch) -> torch.Tensor:
-        if self.config.aggregation == "token":
-            return (batch["labels"] != -100).sum()
-        return torch.tensor(batch["labels"].size(0))
+        return self.aggregate.count((batch["labels"] != -100).float())
 
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
+        logits, logps, _ = policy_forward(models.policy, batch)
+        loss_sum, metrics = self.policy_terms(logits, logps, batch)
+        return LossOutput(sum=loss_sum, count=self.count(batch).to(loss_sum.device), metrics=metrics)
+
+    def policy_terms(
+        self, logits: torch.Tensor, logps: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The aggregated surrogate + KL penalty, and the metrics every online loss logs."""
         c = self.config
-        logits = models.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logps = token_logps(logits, batch["input_ids"])
         mask = (batch["labels"] != -100).float()
         surrogate, clipped = clipped_surrogate(
             logps, batch["old_logps"], batch["advantages"], c.epsilon, c.epsilon_high or c.epsilon
         )
-        kl = KL_ESTIMATORS[c.kl](logps, batch["ref_logps"])
-        per_token = (surrogate + c.beta * kl) * mask
-        lengths = mask.sum(dim=1)
-        if c.aggregation == "token":
-            loss_sum = per_token.sum()
-        else:
-            loss_sum = (per_token.sum(dim=1) / lengths.clamp(min=1)).sum()
+        kl = self.kl(logps, batch["ref_logps"])
+        loss_sum = self.aggregate(surrogate + c.beta * kl, mask)
         n_tokens, n_seqs = mask.sum(), torch.tensor(float(mask.size(0)), device=mask.device)
         with torch.no_grad():
-            probs = torch.softmax(logits[:, :-1].float(), dim=-1)
-            entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum(-1)
-            entropy = torch.nn.functional.pad(entropy, (1, 0))
+            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            entropy = torch.nn.functional.pad(-(log_probs.exp() * log_probs).sum(-1), (1, 0))
         metrics = {
             "reward": (batch["rewards"].float().sum(), n_seqs),
             "kl": ((kl.detach() * mask).sum(), n_tokens),
             "clip_fraction": ((clipped.float() * mask).sum(), n_tokens),
             "entropy": ((entropy * mask).sum(), n_tokens),
-            "completion_length": (lengths.sum(), n_seqs),
+            "completion_length": (n_tokens, n_seqs),
         }
-        return LossOutput(sum=loss_sum, count=self.count(batch).to(loss_sum.device), metrics=metrics)
+        return loss_sum, metrics
+
+
+class PPOConfig(GRPOConfig):
+    """Options of the ``ppo`` loss: ``grpo``'s, plus the value head's.
+
+    Attributes:
+        vf_coef: weight of the value loss.
+        value_clip: the new value may move at most this far from its value at sampling
+            time before the clipped term takes over.
+        beta: defaults to 0 here: PPO usually puts the KL penalty in the reward
+            (``data.advantage: {name: gae, kl_coef: ...}``).
+    """
+
+    beta: float = Field(0.0, ge=0)
+    vf_coef: float = Field(0.1, ge=0)
+    value_clip: float = Field(0.2, gt=0)
+
+
+class PPOLoss(GRPOLoss):
+    """PPO with a learned value head: clipped surrogate on GAE advantages + clipped value loss.
+
+    The value head is a trainable head on the policy (``heads``), so the engine trains,
+    clips, checkpoints and saves it with the policy; the rollout data runs it at
+    sampling time to get the old values GAE needs.
+    """
+
+    Config = PPOConfig
+    requires = GRPOLoss.requires | {"old_values", "returns"}
+
+    def heads(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        return {"value": ValueHead(model.config.hidden_size)}
+
+    def __call__(self, models: Models, batch: Batch) -> LossOutput:
+        if "returns" not in batch:
+            raise TrainingError(
+                "loss ppo trains a value head on returns; set the data's advantage to a value-based "
+                "estimator (data.advantage: gae)"
+            )
+        c = self.config
+        logits, logps, values = policy_forward(models.policy, batch, models.heads["value"])
+        loss_sum, metrics = self.policy_terms(logits, logps, batch)
+        mask = (batch["labels"] != -100).float()
+        value_loss, value_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], c.value_clip)
+        value_sum = self.aggregate(value_loss, mask)
+        n_tokens = mask.sum()
+        metrics["value_loss"] = (value_sum.detach(), self.count(batch).to(value_sum.device).float())
+        metrics["value_clip_fraction"] = ((value_clipped.float() * mask).sum(), n_tokens)
+        metrics["value"] = ((values.detach() * mask).sum(), n_tokens)
+        return LossOutput(
+            sum=loss_sum + c.vf_coef * value_sum, count=self.count(batch).to(loss_sum.device), metrics=metrics
+        )
