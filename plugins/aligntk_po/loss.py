@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeInt, model_validator
 
 from aligntk import ComponentConfig, LossOutput, Models
+from aligntk.logprobs import DEFAULT_CHUNK_SIZE, token_logps
 from aligntk.types import Batch
 
 from .losses import (
@@ -51,11 +52,35 @@ def _concatenated(batch: Batch, with_labels: bool = True) -> dict[str, torch.Ten
     return {n: torch.cat([batch[f"chosen_{n}"], batch[f"rejected_{n}"]], dim=0) for n in names}
 
 
-def _pair_logps(model: torch.nn.Module, joined: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B]`` summed log-probs of the chosen and of the rejected completions under ``model``."""
-    out = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"], use_cache=False)
-    chosen, rejected = sequence_logps(out.logits, joined["labels"]).chunk(2, dim=0)
+def _pair_logps(
+    model: torch.nn.Module, joined: dict[str, torch.Tensor], chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B]`` summed log-probs of the chosen and of the rejected completions under ``model``.
+
+    ``chunk_size > 0`` applies the output layer chunk by chunk over the labelled tokens
+    (``aligntk.logprobs``); ``0`` computes the full ``[2B, T, V]`` logits.
+    """
+    if chunk_size == 0:
+        out = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"], use_cache=False)
+        logps = sequence_logps(out.logits, joined["labels"])
+    else:
+        logps = token_logps(
+            model, joined["input_ids"], joined["attention_mask"], labels=joined["labels"], chunk_size=chunk_size
+        ).logps.sum(-1)
+    chosen, rejected = logps.chunk(2, dim=0)
     return chosen, rejected
+
+
+class ChunkedConfig(ComponentConfig):
+    """The option every causal-LM preference loss shares.
+
+    Attributes:
+        chunk_size: apply the output layer to this many labelled tokens at a time
+            (``aligntk.logprobs``), so full ``[2B, T, V]`` float32 logits never exist;
+            ``0`` computes the full logits (the plain path).
+    """
+
+    chunk_size: NonNegativeInt = 0
 
 
 # --------------------------------------------------------------------------------------
@@ -63,7 +88,7 @@ def _pair_logps(model: torch.nn.Module, joined: dict[str, torch.Tensor]) -> tupl
 # --------------------------------------------------------------------------------------
 
 
-class DPOConfig(ComponentConfig):
+class DPOConfig(ChunkedConfig):
     """Options of the ``dpo`` loss.
 
     Attributes:
@@ -78,6 +103,7 @@ class DPOConfig(ComponentConfig):
         reference: ``cached`` computes the reference log-probabilities once per example
             before training (the engine keeps them in the run folder's ``cache/``);
             ``live`` runs the reference model in every step.
+        chunk_size: see ``ChunkedConfig``.
     """
 
     beta: float = Field(0.1, gt=0)
@@ -107,7 +133,7 @@ class DPOLoss:
 
     def reference_logps(self, models: Models, batch: Batch) -> dict[str, torch.Tensor]:
         """``[B]`` reference log-probabilities of chosen and rejected, for the engine's cache."""
-        chosen, rejected = _pair_logps(models["reference"], _concatenated(batch))
+        chosen, rejected = _pair_logps(models["reference"], _concatenated(batch), self.config.chunk_size)
         return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
     def count(self, batch: Batch) -> torch.Tensor:
@@ -116,11 +142,11 @@ class DPOLoss:
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
         c = self.config
         joined = _concatenated(batch)
-        policy_chosen, policy_rejected = _pair_logps(models.policy, joined)
+        policy_chosen, policy_rejected = _pair_logps(models.policy, joined, c.chunk_size)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
-            ref_chosen, ref_rejected = _pair_logps(models["reference"], joined)
+            ref_chosen, ref_rejected = _pair_logps(models["reference"], joined, c.chunk_size)
         chosen_len = label_counts(batch["chosen_labels"])
         rejected_len = label_counts(batch["rejected_labels"])
         losses = preference_loss(
@@ -159,7 +185,7 @@ def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, t
 # --------------------------------------------------------------------------------------
 
 
-class SimPOConfig(ComponentConfig):
+class SimPOConfig(ChunkedConfig):
     """Options of the ``simpo`` loss (defaults in the range the SimPO paper recommends).
 
     Attributes:
@@ -167,6 +193,7 @@ class SimPOConfig(ComponentConfig):
         gamma: the target reward margin (the paper tunes ``gamma / beta`` in 0.3 to 0.8).
         label_smoothing: the assumed rate of flipped preference labels.
         nll_weight: weight of the chosen completion's mean token NLL (CPO's ``alpha``).
+        chunk_size: see ``ChunkedConfig``.
     """
 
     beta: float = Field(2.0, gt=0)
@@ -190,7 +217,7 @@ class SimPOLoss:
 
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
         c = self.config
-        policy_chosen, policy_rejected = _pair_logps(models.policy, _concatenated(batch))
+        policy_chosen, policy_rejected = _pair_logps(models.policy, _concatenated(batch), c.chunk_size)
         chosen_avg = policy_chosen / label_counts(batch["chosen_labels"]).clamp(min=1)
         rejected_avg = policy_rejected / label_counts(batch["rejected_labels"]).clamp(min=1)
         losses = simpo_loss(chosen_avg, rejected_avg, c.beta, c.gamma, c.label_smoothing)

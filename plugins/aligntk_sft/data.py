@@ -37,6 +37,9 @@ class SFTDataConfig(FileDataConfig):
         prompt_key: the column holding the prompt.
         completion_key: the column holding the completion.
         messages_key: the column holding a conversation.
+        packing: padding-free batches: ``collate`` joins a micro-batch's sequences into one
+            row with ``position_ids`` restarting at 0 for each (no ``attention_mask``; the
+            model builds a block-diagonal causal mask from the positions).
     """
 
     max_length: PositiveInt = 512
@@ -46,6 +49,7 @@ class SFTDataConfig(FileDataConfig):
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     messages_key: str = "messages"
+    packing: bool = False
 
 
 @dataclass
@@ -203,14 +207,17 @@ class SFTData:
     # ----------------------------------------------------------------------------------
 
     def collate(self, examples: Sequence[Example]) -> Batch:
-        """Right-pad examples to the longest one in the micro-batch.
+        """Right-pad examples to the longest one in the micro-batch (or pack them: ``packing``).
 
         Returns:
             ``input_ids`` ``[B, T]`` (padded with the pad token), ``attention_mask`` ``[B, T]``
             (1 real, 0 padding) and ``labels`` ``[B, T]`` (padded with ``-100``), all int64.
+            With ``packing``: see ``pack``.
         """
         if self.pad_token_id is None:
             raise RuntimeError("SFTData.collate needs load() first (it takes the pad token from the tokenizer)")
+        if self.config.packing:
+            return pack(examples)
         width = max(len(e["input_ids"]) for e in examples)
         input_ids, attention_mask, labels = [], [], []
         for e in examples:
@@ -224,6 +231,33 @@ class SFTData:
             "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
         }
+
+
+def pack(examples: Sequence[Example]) -> Batch:
+    """Join examples into one row without padding (Krell et al. 2021, arXiv:2107.02027).
+
+    ``position_ids`` restart at 0 for each example: with no ``attention_mask``, transformers
+    (``masking_utils.find_packed_sequence_indices``) then masks attention block-diagonally,
+    and rotary positions match the unpacked rows. Each example's first label becomes
+    ``-100``: it would be predicted from the previous example's last token. (It is never a
+    target in a padded batch either, so the loss and its token count are the same.) The
+    engine counts ``input_ids.numel()`` tokens, all real.
+
+    Returns:
+        ``input_ids``, ``labels``, ``position_ids``: ``[1, N]`` int64, ``N`` the total length.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for e in examples:
+        input_ids += e["input_ids"]
+        labels += [IGNORE_INDEX, *e["labels"][1:]]
+        positions += range(len(e["input_ids"]))
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+    }
 
 
 # --------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeInt
 
 from aligntk import ComponentConfig, LossOutput, Models
+from aligntk.logprobs import DEFAULT_CHUNK_SIZE, token_logps
 from aligntk.types import Batch
 
 IGNORE_INDEX = -100
@@ -35,8 +37,26 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return loss, (shift_labels != IGNORE_INDEX).sum()
 
 
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """``input_ids`` and whichever of ``attention_mask`` / ``position_ids`` the batch has.
+
+    A packed batch (``sft`` data with ``packing: true``) has ``position_ids`` restarting at 0
+    for each sequence and no ``attention_mask``: transformers then builds a block-diagonal
+    causal mask from the positions, so no token attends across a sequence boundary.
+    """
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
 class SFTLossConfig(ComponentConfig):
-    """The SFT loss has no options: which tokens count is the data's choice (labels)."""
+    """Options of the ``sft`` loss (which tokens count is the data's choice: its labels).
+
+    Attributes:
+        chunk_size: apply the output layer to this many labelled tokens at a time
+            (``aligntk.logprobs``), so full ``[B, T, V]`` float32 logits never exist, in the
+            forward or the backward pass. ``0`` computes the full logits (the plain path).
+    """
+
+    chunk_size: NonNegativeInt = 0
 
 
 class SFTLoss:
@@ -53,6 +73,10 @@ class SFTLoss:
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
-        out = models.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        loss_sum, count = token_nll(out.logits, batch["labels"])
-        return LossOutput(sum=loss_sum, count=count)
+        inputs = model_inputs(batch)
+        if self.config.chunk_size == 0:
+            out = models.policy(**inputs, use_cache=False)
+            loss_sum, count = token_nll(out.logits, batch["labels"])
+            return LossOutput(sum=loss_sum, count=count)
+        logps = token_logps(models.policy, **inputs, labels=batch["labels"], chunk_size=self.config.chunk_size)
+        return LossOutput(sum=-logps.logps.sum(), count=self.count(batch))
