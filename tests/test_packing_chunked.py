@@ -243,12 +243,15 @@ def test_packed_collate_restarts_positions_and_masks_each_first_label(tok: Any, 
     assert pack(examples)["input_ids"].equal(batch["input_ids"])
 
 
-@pytest.mark.parametrize("chunk_size", [0, 4])
-def test_packed_batch_gives_the_padded_loss_count_and_gradients(tok: Any, tmp_path: Path, chunk_size: int) -> None:
+@pytest.mark.parametrize("chunk_size, attention", [(0, "sdpa"), (4, "sdpa"), (0, "eager")])
+def test_packed_batch_gives_the_padded_loss_count_and_gradients(
+    tok: Any, tmp_path: Path, chunk_size: int, attention: str
+) -> None:
     padded_data, examples = sft_examples(tok, tmp_path, packing=False)
     padded = padded_data.collate(examples)
     packed = pack(examples)
-    model = tiny_model(tok)
+    model = tiny_model(tok, attn_implementation=attention)
+    assert model.config._attn_implementation == attention
     loss = SFTLoss(SFTLoss.Config(chunk_size=chunk_size))
     results = []
     for batch in (padded, packed):
