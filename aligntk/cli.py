@@ -150,9 +150,12 @@ def _options(cls: type) -> list[str]:
     """One line per option of a component: name, type, default (from its pydantic Config)."""
     from pydantic_core import PydanticUndefined
 
+    from .parts import PartOf
+
     lines = []
     for name, field in cls.Config.model_fields.items():
-        kind = _type_name(field.annotation)
+        parts = [m.kind for m in field.metadata if isinstance(m, PartOf)]
+        kind = f"a registered {parts[0]}" if parts else _type_name(field.annotation)
         default = "required" if field.default is PydanticUndefined else repr(field.default)
         lines.append(f"{name}: {kind} = {default}")
     return lines
