@@ -6,6 +6,7 @@ naming the key path)::
     recipe: ../../recipes/quickstart.yaml   # the base recipe, relative to this file
     seeds: [0, 1, 2]                        # every variant runs once per seed
     budget: {max_steps: 200}                # train.max_steps of every variant, unless it overrides it
+    overrides: {train.eval_every: 50}       # dotted keys for every variant
     variants:
       - name: sft
       - name: dpo
@@ -76,6 +77,7 @@ class Suite(StrictModel):
     recipe: LocalFile | None = Field(None, description="the base recipe, relative to the suite file")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: Budget = Budget()
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys for every variant, before its own")
     output_dir: str | None = Field(None, description="default for --out")
     metrics: list[str] | None = Field(None, description="evaluation metrics in the table; default: all")
     description: str | None = None
@@ -295,11 +297,11 @@ def _ancestors(suite: Suite, variant: Variant) -> list[str]:
 def _variant_recipe(
     suite: Suite, variant: Variant, seed: int, run_dir: Path, links: dict[str, str], runs_dir: Path
 ) -> dict[str, Any]:
-    """The recipe dict of one run: base or own recipe, budget, overrides, parent models, seed, folder."""
+    """The recipe dict of one run: base or own recipe, budget, suite then variant overrides, parents, seed, folder."""
     raw = read_recipe(variant.recipe or suite.recipe)  # type: ignore[arg-type]
     if suite.budget.max_steps is not None:
         apply_override(raw, f"train.max_steps={suite.budget.max_steps}")
-    for key, value in variant.overrides.items():
+    for key, value in {**suite.overrides, **variant.overrides}.items():
         apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True)}")
     for key, parent in links.items():
         model_dir = (runs_dir / parent / f"seed{seed}" / "model").resolve()

@@ -4,12 +4,15 @@
   output tokens (Szegedy et al. 2016, https://arxiv.org/abs/1512.00567, section 7).
 * lifecycle hook ``aligntk_on_step_end``: records each step in ``STEPS``, so a
   test can see that lifecycle hooks reach third-party plugins.
+* benchmark suite ``example-smoothing`` (``suite/suite.yaml``): plain SFT against the
+  label-smoothed loss on a tiny model, run by ``aligntk bench example-smoothing``.
 
 Its pyproject needs only ``[project.entry-points.aligntk] example = "aligntk_example"``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import click
@@ -105,3 +108,8 @@ def echo(words: tuple[str, ...]) -> None:
 @hookimpl
 def aligntk_register_commands(cli: Any) -> None:
     cli.add_command(echo)
+
+
+@hookimpl
+def aligntk_register_suites(register: Any) -> None:
+    register("example-smoothing", Path(__file__).parent / "suite" / "suite.yaml")
