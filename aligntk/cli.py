@@ -178,7 +178,7 @@ def plugins_cmd(verbose: bool) -> None:
                 for line in _options(reg.cls):
                     click.echo(f"              {line}")
         for suite in (s for s in plugins.suites.values() if s.plugin == info.name):
-            click.echo(f"    {'suite':<9} {suite.name}  ({suite.path})")
+            click.echo(f"    {'suite':<9} {suite.name}" + (f"  ({suite.path})" if verbose else ""))
         hooks = plugins.lifecycle_hooks(info.name)
         if hooks:
             click.echo(f"    {'hooks':<9} {', '.join(hooks)}")

@@ -84,7 +84,11 @@ def test_plugins_lists_third_party_broken_and_builtin():
     assert proc.returncode == 0, proc.stderr
     blocks = plugin_blocks(proc.stdout)
 
-    assert blocks["example (aligntk-example 0.1.0)"] == ["loss label_smoothed_sft", "hooks on_step_end"]
+    assert blocks["example (aligntk-example 0.1.0)"] == [
+        "loss label_smoothed_sft",
+        "suite example-smoothing",
+        "hooks on_step_end",
+    ]
     assert blocks["broken (aligntk-broken 0.1.0)"] == [
         "BROKEN: failed to import 'aligntk_broken': RuntimeError: aligntk_broken is broken on purpose"
     ]
