@@ -98,6 +98,26 @@ def test_init_from_starts_from_the_parent_model(suite_dir: Path) -> None:
     assert child.parents == ["sft"]
 
 
+def test_models_from_gives_a_frozen_role_the_parent_model(suite_dir: Path) -> None:
+    # Weak-to-strong within a suite: the student distils a weak variant's trained model.
+    path = write_suite(
+        suite_dir,
+        {
+            "variants": [
+                {"name": "weak", "overrides": {"model.config.hidden_size": 32}},
+                {"name": "student", "models_from": {"models.teacher": "weak"}, "overrides": {"loss.name": "token_distill"}},
+            ]
+        },
+    )
+    out = suite_dir / "out"
+    records = run(path, out)
+    assert records["student", 0].status == "ok", records["student", 0].error
+    saved = yaml.safe_load((out / "runs/student/seed0/recipe.yaml").read_text())
+    assert Path(saved["models"]["teacher"]["path"]) == (out / "runs/weak/seed0/model").resolve()
+    assert saved["model"]["config"]["hidden_size"] == 64  # the student keeps the base recipe's model
+    assert records["student", 0].total_steps == 4
+
+
 def test_child_of_failed_parent_is_not_run(suite_dir: Path) -> None:
     path = write_suite(
         suite_dir,
