@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import time
 import traceback
@@ -203,17 +202,16 @@ def run_suite(
 
     ``only`` names variants to run (their parents run too). The results folder is
     ``out``, else the suite's ``output_dir``, else ``runs/bench/NAME``; one that already
-    holds files needs ``overwrite``. ``command`` is the command line results.md names.
+    holds files needs ``overwrite``, which replaces the suite's runs and result files
+    there and deletes nothing else. ``command`` is the command line results.md names.
     """
     from .engine import train  # torch and transformers load only when running
 
     path, name = resolve_suite(str(target), plugins)
     suite = read_suite(path, overrides)
     out_dir = Path(out or suite.output_dir or f"runs/bench/{name}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise AligntkError(f"{out_dir}: already holds files; give --overwrite to replace them, or --out elsewhere")
-        shutil.rmtree(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise AligntkError(f"{out_dir}: already holds files; give --overwrite to replace them, or --out elsewhere")
     variants = _selected(suite, only)
     runs_dir = out_dir / "runs"
     records: dict[tuple[str, int], RunRecord] = {}
