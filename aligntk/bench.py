@@ -184,7 +184,9 @@ def resolve_suite(target: str, plugins: Plugins) -> tuple[Path, str]:
             raise AligntkError(f"suite {target!r} (plugin {registered.plugin!r}): file not found: {registered.path}")
         return registered.path, registered.name
     names = ", ".join(sorted(plugins.suites)) or "none"
-    raise AligntkError(f"{target}: no such suite file, and no plugin registers a suite by that name (registered: {names})")
+    raise AligntkError(
+        f"{target}: no such suite file, and no plugin registers a suite by that name (registered: {names})"
+    )
 
 
 def run_suite(
@@ -416,11 +418,15 @@ def write_results(
     out_dir: Path, header: dict[str, Any], records: Sequence[RunRecord], metrics: Sequence[str] | None = None
 ) -> None:
     """results.json (everything), results.csv (one row per run), results.md (one row per variant), plots."""
-    from .plots import plot_suite
-
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, metrics)
-    plots = plot_suite(out_dir, records)
+    try:
+        from .plots import plot_suite
+
+        plots = plot_suite(out_dir, records)
+    except ImportError:  # matplotlib is an extra: the tables are written without it
+        plots = []
+        header = {**header, "note": "no plots: matplotlib is not installed (pip install 'aligntk[bench]')"}
     payload = {**header, "summary": summary, "runs": [asdict(r) for r in records], "plots": plots}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     _write_csv(out_dir / "results.csv", records)
@@ -435,18 +441,22 @@ def _write_csv(path: Path, records: Sequence[RunRecord]) -> None:
         writer.writerow([*columns, *keys, "parents", "run_dir", "error"])
         for r in records:
             row = [getattr(r, c) for c in columns]
-            writer.writerow([*row, *(r.final_eval.get(k, "") for k in keys), " ".join(r.parents), r.run_dir, r.error or ""])
+            metrics = [r.final_eval.get(k, "") for k in keys]
+            writer.writerow([*row, *metrics, " ".join(r.parents), r.run_dir, r.error or ""])
 
 
 def _fmt(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
 
 
-def _markdown(header: dict[str, Any], summary: list[dict[str, Any]], records: Sequence[RunRecord], plots: list[str]) -> str:
+def _markdown(
+    header: dict[str, Any], summary: list[dict[str, Any]], records: Sequence[RunRecord], plots: list[str]
+) -> str:
     keys = list(dict.fromkeys(k for row in summary for k in row["metrics"]))
     lines = [f"# Suite `{header['suite']}`", ""]
-    if header.get("description"):
-        lines += [str(header["description"]).strip(), ""]
+    for key in ("description", "note"):
+        if header.get(key):
+            lines += [str(header[key]).strip(), ""]
     machine = header["machine"]
     lines += [
         f"Suite file `{header['file']}`; seeds {header['seeds']}; budget {header['budget']}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,10 @@ def test_bad_override_fails_that_variant_only(suite_dir: Path) -> None:
 def test_init_from_starts_from_the_parent_model(suite_dir: Path) -> None:
     path = write_suite(
         suite_dir,
-        {"budget": {"max_steps": 3}, "variants": [{"name": "sft"}, {"name": "more", "init_from": "sft", "overrides": {"train.max_steps": 2}}]},
+        {
+            "budget": {"max_steps": 3},
+            "variants": [{"name": "sft"}, {"name": "more", "init_from": "sft", "overrides": {"train.max_steps": 2}}],
+        },
     )
     out = suite_dir / "out"
     records = run(path, out)
@@ -105,7 +109,11 @@ def test_models_from_gives_a_frozen_role_the_parent_model(suite_dir: Path) -> No
         {
             "variants": [
                 {"name": "weak", "overrides": {"model.config.hidden_size": 32}},
-                {"name": "student", "models_from": {"models.teacher": "weak"}, "overrides": {"loss.name": "token_distill"}},
+                {
+                    "name": "student",
+                    "models_from": {"models.teacher": "weak"},
+                    "overrides": {"loss.name": "token_distill"},
+                },
             ]
         },
     )
@@ -121,7 +129,12 @@ def test_models_from_gives_a_frozen_role_the_parent_model(suite_dir: Path) -> No
 def test_child_of_failed_parent_is_not_run(suite_dir: Path) -> None:
     path = write_suite(
         suite_dir,
-        {"variants": [{"name": "sft", "overrides": {"update.learning_rate": "fast"}}, {"name": "dpo", "init_from": "sft"}]},
+        {
+            "variants": [
+                {"name": "sft", "overrides": {"update.learning_rate": "fast"}},
+                {"name": "dpo", "init_from": "sft"},
+            ]
+        },
     )
     records = run(path, suite_dir / "out")
     assert records["sft", 0].status == "failed" and "update.learning_rate" in records["sft", 0].error
@@ -146,9 +159,15 @@ def test_only_runs_the_variant_and_its_parents(suite_dir: Path) -> None:
         ({"variants": [{"name": "a"}], "budget": {"max_step": 3}}, "budget.max_step: unknown key"),
         ({"variants": [{"name": "a"}], "seeds": []}, "seeds: List should have at least 1 item"),
         ({"variants": []}, "variants: List should have at least 1 item"),
-        ({"variants": [{"name": "a"}, {"name": "b", "init_from": "aa"}]}, "variants.1.init_from: unknown variant 'aa', did you mean 'a'?"),
+        (
+            {"variants": [{"name": "a"}, {"name": "b", "init_from": "aa"}]},
+            "variants.1.init_from: unknown variant 'aa', did you mean 'a'?",
+        ),
         ({"variants": [{"name": "a"}, {"name": "a"}]}, "variants.1.name: variant 'a' is named twice"),
-        ({"variants": [{"name": "a", "models_from": {"teacher": "a"}}]}, "variants.0.models_from.teacher: expected 'model' or 'models.ROLE'"),
+        (
+            {"variants": [{"name": "a", "models_from": {"teacher": "a"}}]},
+            "variants.0.models_from.teacher: expected 'model' or 'models.ROLE'",
+        ),
         (
             {"variants": [{"name": "a", "init_from": "b"}, {"name": "b", "init_from": "a"}]},
             "form a cycle: a -> b -> a",
@@ -181,7 +200,8 @@ def test_suite_name_registered_twice_names_both_plugins() -> None:
         def aligntk_register_suites(self, register: Any) -> None:
             register("example-smoothing", "elsewhere.yaml")
 
-    with pytest.raises(PluginError, match="suite 'example-smoothing' is registered twice: by plugin 'example' and by plugin 'again'"):
+    expected = "suite 'example-smoothing' is registered twice: by plugin 'example' and by plugin 'again'"
+    with pytest.raises(PluginError, match=expected):
         load_plugins(extra={"again": Again()})
 
 
@@ -204,3 +224,17 @@ def test_cli_bench_refuses_a_used_folder_without_overwrite(suite_dir: Path) -> N
     assert result.exit_code == 0, result.output
     assert "| a | 1/1 |" in (out / "results.md").read_text()
     assert (out / "runs/a/seed3/model").is_dir()
+
+
+def test_tables_are_written_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aligntk.bench import write_results
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    machine = {"platform": "p", "cpus": 2, "torch": "t", "torch_threads": 1, "load_avg_start": None}
+    machine["load_avg_end"] = None
+    header = {"suite": "s", "file": "s.yaml", "seeds": [0], "budget": {}, "wall_s": 1.0, "machine": machine}
+    rec = RunRecord("a", 0, status="ok", steps=2, final_eval={"exact_match": 0.5}, curves={"loss": [[1, 2.0]]})
+    write_results(tmp_path, header, [rec])
+    md = (tmp_path / "results.md").read_text()
+    assert "| a | 1/1 | 0.500 ± 0.000 (0.500 to 0.500) |" in md and "no plots: matplotlib is not installed" in md
+    assert not list(tmp_path.glob("*.png"))
