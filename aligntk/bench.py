@@ -73,12 +73,13 @@ class Variant(StrictModel):
 class Suite(StrictModel):
     """A whole suite: variants x seeds runs."""
 
+    name: str | None = Field(None, pattern=_NAME, description="default: the registered name or the file's stem")
     recipe: LocalFile | None = Field(None, description="the base recipe, relative to the suite file")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: Budget = Budget()
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys for every variant, before its own")
     output_dir: str | None = Field(None, description="default for --out")
-    metrics: list[str] | None = Field(None, description="evaluation metrics in the table; default: all")
+    metrics: list[str] | None = Field(None, description="evaluation metrics in the table and plots; default: all")
     description: str | None = None
     variants: list[Variant] = Field(min_length=1)
 
@@ -211,6 +212,7 @@ def run_suite(
 
     path, name = resolve_suite(str(target), plugins)
     suite = read_suite(path, overrides)
+    name = suite.name or name
     out_dir = Path(out or suite.output_dir or f"runs/bench/{name}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise AligntkError(f"{out_dir}: already holds files; give --overwrite to replace them, or --out elsewhere")
@@ -423,7 +425,7 @@ def write_results(
     try:
         from .plots import plot_suite
 
-        plots = plot_suite(out_dir, records)
+        plots = plot_suite(out_dir, records, metrics)
     except ImportError:  # matplotlib is an extra: the tables are written without it
         plots = []
         header = {**header, "note": "no plots: matplotlib is not installed (pip install 'aligntk[bench]')"}

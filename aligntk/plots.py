@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_suite(out_dir: Path, records: Sequence[Any]) -> list[str]:
-    """Write ``train_loss.png`` and ``<metric>.png`` per evaluation metric; return their file names."""
+def plot_suite(out_dir: Path, records: Sequence[Any], metrics: Sequence[str] | None = None) -> list[str]:
+    """Write ``train_loss.png`` and ``<metric>.png`` per evaluation metric (``metrics``, default all).
+
+    Returns the file names written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -45,8 +48,8 @@ def plot_suite(out_dir: Path, records: Sequence[Any]) -> list[str]:
     written.append("train_loss.png")
 
     offsets = {(r.variant, r.seed): r.total_steps - r.steps for r in done}
-    metrics = list(dict.fromkeys(k for r in done for k in r.curves if k != "loss"))
-    for metric in metrics:
+    found = list(dict.fromkeys(k for r in done for k in r.curves if k != "loss"))
+    for metric in [m for m in found if m in metrics] if metrics else found:
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for name in variants:
             curves = [

@@ -226,15 +226,38 @@ def test_cli_bench_refuses_a_used_folder_without_overwrite(suite_dir: Path) -> N
     assert (out / "runs/a/seed3/model").is_dir()
 
 
+#: What ``run_suite`` passes ``write_results`` besides the runs, for tests that write results directly.
+HEADER = {
+    "suite": "s",
+    "file": "s.yaml",
+    "seeds": [0, 1],
+    "budget": {},
+    "wall_s": 1.0,
+    "machine": {"platform": "p", "cpus": 2, "torch": "t", "torch_threads": 1, "load_avg_start": None, "load_avg_end": None},
+}
+
+
 def test_tables_are_written_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from aligntk.bench import write_results
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    machine = {"platform": "p", "cpus": 2, "torch": "t", "torch_threads": 1, "load_avg_start": None}
-    machine["load_avg_end"] = None
-    header = {"suite": "s", "file": "s.yaml", "seeds": [0], "budget": {}, "wall_s": 1.0, "machine": machine}
     rec = RunRecord("a", 0, status="ok", steps=2, final_eval={"exact_match": 0.5}, curves={"loss": [[1, 2.0]]})
-    write_results(tmp_path, header, [rec])
+    write_results(tmp_path, HEADER, [rec])
     md = (tmp_path / "results.md").read_text()
     assert "| a | 1/1 | 0.500 ± 0.000 (0.500 to 0.500) |" in md and "no plots: matplotlib is not installed" in md
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_suite_metrics_pick_the_table_columns_and_plots(tmp_path: Path) -> None:
+    from aligntk.bench import write_results
+
+    curves = {"loss": [[1, 2.0], [2, 1.0]], "eval_loss": [[0, 3.0], [2, 1.0]], "exact_match": [[0, 0.0], [2, 0.5]]}
+    records = [
+        RunRecord("a", seed, status="ok", steps=2, final_eval={"exact_match": 0.25 * (seed + 1)}, curves=curves)
+        for seed in (0, 1)
+    ]
+    write_results(tmp_path, HEADER, records, metrics=["exact_match"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| variant | seeds | exact_match | steps |" in md
+    assert "| a | 2/2 | 0.375 ± 0.177 (0.250 to 0.500) |" in md
+    assert json.loads((tmp_path / "results.json").read_text())["plots"] == ["train_loss.png", "exact_match.png"]
