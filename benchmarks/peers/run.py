@@ -45,6 +45,9 @@ from common import build_tokenizer, device_name, encode, llama_config, make_rows
 FRAMEWORKS = ("aligntk", "trl")
 #: --reference: (aligntk's dpo ``reference`` option, TRL's ``precompute_ref_log_probs``)
 REFERENCE = {"default": ("cached", False), "cached": ("cached", True), "live": ("live", False)}
+#: --checkpointing: (aligntk's ``train.gradient_checkpointing``, TRL's ``gradient_checkpointing``);
+#: TRL 1.16's SFTConfig and DPOConfig turn it on by default, aligntk leaves it off.
+CHECKPOINTING = {"default": (False, True), "off": (False, False), "on": (True, True)}
 
 
 # --------------------------------------------------------------------------------------
@@ -112,11 +115,13 @@ class StepClock:
     def __init__(self, spec: dict, profiler: object | None):
         self.device, self.warmup, self.steps, self.profiler = spec["device"], spec["warmup"], spec["steps"], profiler
         self.ends: list[float] = []
+        self.cpu: list[float] = []  # process CPU time (all threads): robust to other load on the machine
         self.start = time.perf_counter()
 
     def tick(self) -> None:
         sync(self.device)
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         if self.profiler is not None and len(self.ends) == self.warmup:
             self.profiler.start()
         if self.profiler is not None and len(self.ends) == self.steps:
@@ -146,7 +151,8 @@ def worker_aligntk(spec: dict, out: Path, clock: StepClock) -> dict:
         "update": {"name": "full", "learning_rate": spec["lr"], "warmup_steps": 0, "schedule": "constant",
                    "weight_decay": 0.0, "max_grad_norm": 1.0},
         "train": {"max_steps": spec["steps"], "batch_size": spec["batch_size"], "precision": spec["precision"],
-                  "log_every": 1, "device": spec["device"]},
+                  "log_every": 1, "device": spec["device"],
+                  "gradient_checkpointing": CHECKPOINTING[spec["checkpointing"]][0]},
     }
     clock.start = time.perf_counter()
     result = run_recipe(recipe, plugins={"peers_timer": Timer()}, overwrite=True)
@@ -186,6 +192,7 @@ def worker_trl(spec: dict, out: Path, clock: StepClock) -> dict:
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
+        gradient_checkpointing=CHECKPOINTING[spec["checkpointing"]][1],
         optim="adamw_torch_fused" if cuda else "adamw_torch",  # the AdamW kernel aligntk picks on each device
         bf16=spec["precision"] == "bf16",
         max_length=spec["max_length"],
@@ -260,18 +267,22 @@ def run_worker(framework: str, spec_path: Path, result_path: Path) -> None:
             f"{framework}, {spec['method']}, steps {warm + 1}-{spec['steps']}, wall {ends[-1] - ends[warm - 1]:.3f} s\n"
             + table)
     wall = ends[-1] - ends[warm - 1]
+    cpu = clock.cpu[-1] - clock.cpu[warm - 1]
     tokens = float(sum(res["tokens"][warm:]))
     cuda = spec["device"] == "cuda"
     result_path.write_text(json.dumps({
         "framework": framework,
         "device_name": device_name(spec["device"], spec["threads"]),
         "tokens_per_s": tokens / wall,
+        "tokens_per_cpu_s": tokens / cpu,
         "pairs_per_s": spec["batch_size"] * (spec["steps"] - warm) / wall,
         "timed_tokens": tokens,
         "timed_wall_s": wall,
+        "timed_cpu_s": cpu,
         "to_first_step_s": ends[0] - clock.start,
         "peak_memory": torch.cuda.max_memory_allocated() if cuda else peak_rss(),
         "peak_rss": peak_rss(),
+        "load_average": os.getloadavg()[0],
         "rss_after_imports": rss_before,
         "losses": res["losses"],
         "step_tokens": res["tokens"],
@@ -312,6 +323,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=("sft", "dpo"), default="sft")
     parser.add_argument("--reference", choices=tuple(REFERENCE), default="default",
                         help="dpo: default (aligntk cached, TRL live), cached (both precompute) or live (both live)")
+    parser.add_argument("--checkpointing", choices=tuple(CHECKPOINTING), default="default",
+                        help="gradient checkpointing: default (aligntk off, TRL on: each side's default), off, on")
     parser.add_argument("--beta", type=float, default=0.1, help="dpo: the KL coefficient")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each run")
@@ -392,7 +405,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shared = prepare(work, args)
-        spec = {"work": str(work), "method": args.method, "reference": args.reference, "beta": args.beta,
+        spec = {"work": str(work), "method": args.method, "reference": args.reference,
+                "checkpointing": args.checkpointing, "beta": args.beta,
                 "seed": args.seed, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                 "max_length": args.max_length, "lr": args.lr, "precision": args.precision, "device": args.device,
                 "threads": threads, "profile": args.profile, "step_tokens": shared["step_tokens"]}
@@ -409,6 +423,7 @@ def write_results(args: argparse.Namespace, parser: argparse.ArgumentParser, sha
     dpo, cuda = args.method == "dpo", args.device == "cuda"
     a, t = runs["aligntk"], runs["trl"]
     tps_ratio = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(a, t)]
+    cpu_ratio = [x["tokens_per_cpu_s"] / y["tokens_per_cpu_s"] for x, y in zip(a, t)]
     mem_ratio = [x["peak_memory"] / y["peak_memory"] for x, y in zip(a, t)]
     growth = {fw: [max(0, x["peak_rss"] - x["rss_after_imports"]) for x in runs[fw]] for fw in FRAMEWORKS}
     growth_ratio = [ga / gt if gt else float("nan") for ga, gt in zip(growth["aligntk"], growth["trl"])]
@@ -427,10 +442,14 @@ def write_results(args: argparse.Namespace, parser: argparse.ArgumentParser, sha
         ours, precompute = REFERENCE[args.reference]
         reference = (f"reference `{args.reference}`: aligntk `reference: {ours}`, TRL "
                      f"`precompute_ref_log_probs={precompute}`; beta {args.beta}, sigmoid loss")
+    ours_ckpt, trl_ckpt = CHECKPOINTING[args.checkpointing]
+    checkpointing = (f"gradient checkpointing `{args.checkpointing}`: aligntk {'on' if ours_ckpt else 'off'}, "
+                     f"TRL {'on' if trl_ckpt else 'off'}")
     summary = {
         "command": command,
         "method": args.method,
         "reference": reference or None,
+        "checkpointing": checkpointing,
         "device": a[0]["device_name"] + ("" if cuda else " per run"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in hidden_args},
@@ -438,11 +457,14 @@ def write_results(args: argparse.Namespace, parser: argparse.ArgumentParser, sha
         "row_tokens": shared["row_tokens"],
         "memory": "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss",
         "tokens_per_s": {fw: [x["tokens_per_s"] for x in runs[fw]] for fw in FRAMEWORKS},
+        "tokens_per_cpu_s": {fw: [x["tokens_per_cpu_s"] for x in runs[fw]] for fw in FRAMEWORKS},
+        "load_average": {fw: [x["load_average"] for x in runs[fw]] for fw in FRAMEWORKS},
         "pairs_per_s" if dpo else "rows_per_s": {fw: [x["pairs_per_s"] for x in runs[fw]] for fw in FRAMEWORKS},
         "to_first_step_s": {fw: [x["to_first_step_s"] for x in runs[fw]] for fw in FRAMEWORKS},
         "peak_memory_bytes": {fw: [x["peak_memory"] for x in runs[fw]] for fw in FRAMEWORKS},
         "rss_growth_bytes": growth,
         "ratio_tokens_per_s": _stats(tps_ratio),
+        "ratio_tokens_per_cpu_s": _stats(cpu_ratio),
         "ratio_peak_memory": _stats(mem_ratio),
         "ratio_rss_growth": _stats(growth_ratio),
         "first_loss": {fw: [x["losses"][0] for x in runs[fw]] for fw in FRAMEWORKS},
@@ -460,6 +482,7 @@ def write_results(args: argparse.Namespace, parser: argparse.ArgumentParser, sha
         f"| {i + 1} | {x['tokens_per_s']:.0f} | {y['tokens_per_s']:.0f} | {x['tokens_per_s'] / y['tokens_per_s']:.3f} "
         f"| {x['peak_memory'] / mib:.0f} | {y['peak_memory'] / mib:.0f} | {x['peak_memory'] / y['peak_memory']:.3f} "
         f"| {x['to_first_step_s']:.1f} / {y['to_first_step_s']:.1f} "
+        f"| {x['tokens_per_cpu_s'] / y['tokens_per_cpu_s']:.3f} | {x['load_average']:.1f} / {y['load_average']:.1f} "
         f"| {x['losses'][0]:.4f} / {y['losses'][0]:.4f} | {x['losses'][-1]:.4f} / {y['losses'][-1]:.4f} |\n"
         for i, (x, y) in enumerate(zip(a, t))
     )
@@ -479,13 +502,16 @@ def write_results(args: argparse.Namespace, parser: argparse.ArgumentParser, sha
         f"{' pairs' if dpo else ''}, sequences of {shared['row_tokens']['min']}-{shared['row_tokens']['max']} tokens "
         f"(max length {args.max_length}); {args.rows} rows; lr {args.lr:g}; {args.steps} steps, the first "
         f"{args.warmup} untimed; each run in a fresh process, alternating.  \n"
-        + (f"DPO {reference}.  \n" if dpo else "")
+        + (f"DPO {reference}.  \n" if dpo else "") + f"{checkpointing[0].upper()}{checkpointing[1:]}.  \n"
         + "\n| repeat | aligntk tok/s | TRL tok/s | ratio | aligntk " + mem_name + " MiB | TRL " + mem_name
-        + " MiB | ratio | load + first step s, aligntk / TRL | first loss aligntk / TRL | last loss aligntk / TRL |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n" + table +
+        + " MiB | ratio | load + first step s, aligntk / TRL | tokens per CPU-second ratio | 1-min load average "
+        "at the end, aligntk / TRL | first loss aligntk / TRL | last loss aligntk / TRL |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + table +
         "\naligntk / TRL, min / median / max over repeats:\n\n"
         f"- tokens/s (non-pad{', chosen + rejected' if dpo else ''}): {fmt(summary['ratio_tokens_per_s'])} "
         "(above 1: aligntk faster)\n"
+        f"- tokens per CPU-second of the process (all threads): {fmt(summary['ratio_tokens_per_cpu_s'])} "
+        "(less sensitive than wall time to other load on a shared machine)\n"
         f"- {mem_name}: {fmt(summary['ratio_peak_memory'])} (below 1: aligntk smaller)\n" + growth_line +
         f"\nLargest per-step loss gap between the two over all repeats: {max_gap:.2e}. "
         f"Loss curves: `loss_curves.png`; repeat 1, aligntk/TRL per step: {curve}\n"
