@@ -17,7 +17,7 @@ from aligntk_sft.data import SFTData, pack
 
 from aligntk import DataContext, Models
 from aligntk.engine import _count_tokens
-from aligntk.logprobs import head_logps, token_logps
+from aligntk.logprobs import AUTO_MIN_VOCAB, DEFAULT_CHUNK_SIZE, head_logps, resolve_chunk_size, token_logps
 from aligntk.models import frozen_copy
 from aligntk.testing import (
     char_tokenizer,
@@ -133,6 +133,32 @@ def test_an_unrecognized_model_takes_the_plain_path(tok: Any) -> None:
     torch.testing.assert_close(opaque.logps, direct.logps, atol=ATOL, rtol=0)
 
 
+def test_peft_models_lora_chunked_and_prompt_tuning_plain(tok: Any) -> None:
+    from aligntk_update.adapters import PeftPolicy
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    batch = tiny_batch(tok, PAIRS)
+    args = (batch["input_ids"], batch["attention_mask"])
+    # LoRA on the head too: the head is then a peft module, and takes the checkpointed path.
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    model = PeftPolicy(get_peft_model(tiny_model(tok), lora))
+    results = []
+    for size in (0, 3):
+        out = token_logps(model, *args, labels=batch["labels"], chunk_size=size)
+        out.logps.sum().backward()
+        results.append((out, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        model.zero_grad(set_to_none=True)
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    assert chunked.chunked
+    torch.testing.assert_close(chunked.logps, plain.logps, atol=ATOL, rtol=0)
+    _assert_close(chunked_grads, plain_grads)
+
+    soft = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    prompted = PeftPolicy(get_peft_model(tiny_model(tok), soft), virtual_tokens=3)
+    out = token_logps(prompted, *args, labels=batch["labels"], chunk_size=3)
+    assert not out.chunked and out.logps.shape == batch["input_ids"].shape
+
+
 def test_frozen_reference_gets_chunked_logps_without_a_graph(tok: Any) -> None:
     model = tiny_model(tok)
     batch = tiny_batch(tok, PAIRS)
@@ -161,10 +187,23 @@ def test_chunked_sft_loss_equals_plain(tok: Any, chunk_size: int) -> None:
     _assert_close(chunked_grads, plain_grads)
 
 
+def test_auto_chunks_large_vocabularies_only(tok: Any) -> None:
+    small, large = tiny_model(tok), tiny_model(tok, vocab_size=AUTO_MIN_VOCAB)
+    assert resolve_chunk_size(small, "auto") == 0  # the tests' and quickstart's tiny vocabularies
+    assert resolve_chunk_size(large, "auto") == DEFAULT_CHUNK_SIZE
+    assert resolve_chunk_size(frozen_copy(large), "auto") == DEFAULT_CHUNK_SIZE
+    assert resolve_chunk_size(small, 7) == 7
+    assert SFTLoss.Config().chunk_size == DPOLoss.Config().chunk_size == SimPOLoss.Config().chunk_size == "auto"
+    batch = tiny_batch(tok, PAIRS)
+    auto = SFTLoss(SFTLoss.Config())(Models({"policy": large}), batch)
+    plain = SFTLoss(SFTLoss.Config(chunk_size=0))(Models({"policy": large}), batch)
+    torch.testing.assert_close(auto.sum, plain.sum, atol=ATOL, rtol=1e-6)
+
+
 def preference_batch(tok: Any) -> dict[str, torch.Tensor]:
     """Two pairs; chosen and rejected padded to one width (as the ``preference`` data does)."""
     prompts = ["1+2=", "12+30="]
-    both = tiny_batch(tok, [(p, c) for p, c in zip(prompts, ["3", "42"])] + [(p, c) for p, c in zip(prompts, ["4", "7"])])
+    both = tiny_batch(tok, [*zip(prompts, ["3", "42"]), *zip(prompts, ["4", "7"])])
     return {f"{side}_{k}": v[rows] for k, v in both.items() for side, rows in (("chosen", slice(0, 2)),
                                                                                  ("rejected", slice(2, 4)))}
 
@@ -299,3 +338,7 @@ def test_kernels_benchmark_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert {r["chunk"] for r in summary["loss"]} == {0, 24}
     assert all(r["tokens_per_s"] > 0 for r in summary["packing"])
     assert "packed" in (out / "results.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["run.py", "--smoke", "--interleave", "8", "--out", str(out / "inter")])
+    runpy.run_path(str(BENCHMARKS / "kernels" / "run.py"), run_name="__main__")
+    (row,) = json.loads((out / "inter" / "results.json").read_text())["interleaved"]
+    assert row["ratio"] > 0

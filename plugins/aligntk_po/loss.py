@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, NonNegativeInt, model_validator
+from pydantic import Field, model_validator
 
 from aligntk import ComponentConfig, LossOutput, Models
-from aligntk.logprobs import DEFAULT_CHUNK_SIZE, token_logps
+from aligntk.logprobs import ChunkSize, resolve_chunk_size, token_logps
 from aligntk.types import Batch
 
 from .losses import (
@@ -53,13 +53,14 @@ def _concatenated(batch: Batch, with_labels: bool = True) -> dict[str, torch.Ten
 
 
 def _pair_logps(
-    model: torch.nn.Module, joined: dict[str, torch.Tensor], chunk_size: int
+    model: torch.nn.Module, joined: dict[str, torch.Tensor], chunk_size: int | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B]`` summed log-probs of the chosen and of the rejected completions under ``model``.
 
-    ``chunk_size > 0`` applies the output layer chunk by chunk over the labelled tokens
+    A chunk size above 0 applies the output layer chunk by chunk over the labelled tokens
     (``aligntk.logprobs``); ``0`` computes the full ``[2B, T, V]`` logits.
     """
+    chunk_size = resolve_chunk_size(model, chunk_size)
     if chunk_size == 0:
         out = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"], use_cache=False)
         logps = sequence_logps(out.logits, joined["labels"])
@@ -77,10 +78,11 @@ class ChunkedConfig(ComponentConfig):
     Attributes:
         chunk_size: apply the output layer to this many labelled tokens at a time
             (``aligntk.logprobs``), so full ``[2B, T, V]`` float32 logits never exist;
-            ``0`` computes the full logits (the plain path).
+            ``0`` computes the full logits (the plain path); ``auto`` chunks by 1024 from
+            a 16k vocabulary up (``resolve_chunk_size``).
     """
 
-    chunk_size: NonNegativeInt = 0
+    chunk_size: ChunkSize = "auto"
 
 
 # --------------------------------------------------------------------------------------

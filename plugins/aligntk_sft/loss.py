@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeInt
 
 from aligntk import ComponentConfig, LossOutput, Models
-from aligntk.logprobs import DEFAULT_CHUNK_SIZE, token_logps
+from aligntk.logprobs import ChunkSize, resolve_chunk_size, token_logps
 from aligntk.types import Batch
 
 IGNORE_INDEX = -100
@@ -53,10 +52,11 @@ class SFTLossConfig(ComponentConfig):
     Attributes:
         chunk_size: apply the output layer to this many labelled tokens at a time
             (``aligntk.logprobs``), so full ``[B, T, V]`` float32 logits never exist, in the
-            forward or the backward pass. ``0`` computes the full logits (the plain path).
+            forward or the backward pass. ``0`` computes the full logits (the plain path);
+            ``auto`` chunks by 1024 from a 16k vocabulary up (``resolve_chunk_size``).
     """
 
-    chunk_size: NonNegativeInt = 0
+    chunk_size: ChunkSize = "auto"
 
 
 class SFTLoss:
@@ -74,9 +74,10 @@ class SFTLoss:
 
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
         inputs = model_inputs(batch)
-        if self.config.chunk_size == 0:
+        chunk_size = resolve_chunk_size(models.policy, self.config.chunk_size)
+        if chunk_size == 0:
             out = models.policy(**inputs, use_cache=False)
             loss_sum, count = token_nll(out.logits, batch["labels"])
             return LossOutput(sum=loss_sum, count=count)
-        logps = token_logps(models.policy, **inputs, labels=batch["labels"], chunk_size=self.config.chunk_size)
+        logps = token_logps(models.policy, **inputs, labels=batch["labels"], chunk_size=chunk_size)
         return LossOutput(sum=-logps.logps.sum(), count=self.count(batch))
