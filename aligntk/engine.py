@@ -306,6 +306,7 @@ class _Trainer:
         evaluated_at = -1
         try:
             self.precompute()
+            self.release_unused_models()
             if self.d.is_main:
                 self.plugins.on_run_start(info)
             if info.start_step == 0:
@@ -422,6 +423,21 @@ class _Trainer:
                     raise AligntkError(f"losses precompute the same batch fields {sorted(clash)}; rename one")
                 fields.update(found)
             self.cache[split] = fields
+
+    def release_unused_models(self) -> None:
+        """Free frozen models that no step calls any more (their outputs are in the cache).
+
+        A loss names the roles its steps call in ``live_roles`` (default: its ``roles``);
+        online data may call any model, so nothing is released for it.
+        """
+        if hasattr(self.data, "rollout"):
+            return
+        live = {role for loss in self.losses for role in getattr(loss, "live_roles", type(loss).roles)}
+        for role in [r for r in self.models if r != "policy" and r not in live]:
+            self.models.release(role)
+            log.info("released the frozen %r model: its outputs are cached", role)
+        if self.d.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def train_step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()

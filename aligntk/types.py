@@ -76,6 +76,12 @@ class Models(Mapping[str, torch.nn.Module]):
     def policy(self) -> torch.nn.Module:
         return self["policy"]
 
+    def release(self, role: str) -> None:
+        """Drop a frozen model the run no longer calls (the engine frees cached roles)."""
+        if role == "policy":
+            raise ValueError("the policy cannot be released")
+        del self._models[role]
+
 
 @dataclass
 class DataReport:
@@ -146,6 +152,10 @@ class LossComponent(Protocol):
     model computes once per example (reference log-probabilities, teacher scores). The
     engine runs it once over every example before training, keeps the results in
     ``cache/`` in the run folder, and adds them to each batch under the returned names.
+
+    Optional: ``live_roles``, the roles its steps still call when some come from
+    ``precompute`` (default: ``roles``); after precomputing, the engine frees the
+    frozen models no loss calls any more.
 
     Optional: ``heads(model) -> dict[str, nn.Module]`` declares small trainable
     modules trained with the policy (PPO's value head, say). The engine builds them

@@ -112,7 +112,9 @@ class CountingPlugin:
         register("counting_dpo", CountingDPO)
 
 
-def test_cached_reference_runs_once_per_example_and_trains_like_live(tmp_path: Path) -> None:
+def test_cached_reference_runs_once_per_example_and_trains_like_live(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from safetensors.torch import load_file
 
     recipe = preference_recipe(tmp_path, rows=16)  # 16 train + 8 eval pairs
@@ -120,19 +122,23 @@ def test_cached_reference_runs_once_per_example_and_trains_like_live(tmp_path: P
     # 12 steps of 4 pairs = 3 epochs, with two evaluations.
     common = ["train.max_steps=12", "train.eval_every=6"]
     CountingDPO.reference_rows = CountingDPO.live_calls = 0
-    cached = run_recipe(recipe, [*common, f"output_dir={tmp_path / 'cached'}"], plugins={"c": CountingPlugin()})
+    with caplog.at_level("INFO", logger="aligntk"):
+        cached = run_recipe(recipe, [*common, f"output_dir={tmp_path / 'cached'}"], plugins={"c": CountingPlugin()})
+    assert "released the frozen 'reference' model" in caplog.text  # its outputs are cached: memory back
     assert CountingDPO.reference_rows == 16 + 8
     assert CountingDPO.live_calls == 0
     assert sorted(p.name for p in (cached.run_dir / "cache").iterdir()) == [
         "counting_dpo-eval.safetensors",
         "counting_dpo-train.safetensors",
     ]
-    live = run_recipe(
-        {**recipe, "loss": {"name": "counting_dpo", "reference": "live"}},
-        [*common, f"output_dir={tmp_path / 'live'}"],
-        plugins={"c": CountingPlugin()},
-    )
+    with caplog.at_level("INFO", logger="aligntk"):
+        live = run_recipe(
+            {**recipe, "loss": {"name": "counting_dpo", "reference": "live"}},
+            [*common, f"output_dir={tmp_path / 'live'}"],
+            plugins={"c": CountingPlugin()},
+        )
     assert CountingDPO.live_calls > 12  # every training micro-batch and every eval batch
+    assert caplog.text.count("released the frozen") == 1  # the live reference stays
     a = load_file(str(cached.run_dir / "model" / "model.safetensors"))
     b = load_file(str(live.run_dir / "model" / "model.safetensors"))
     for name in a:

@@ -132,6 +132,7 @@ class DPOLoss:
         self.config = config
         if config.reference == "cached":
             self.precompute = self.reference_logps  # the engine runs it once per example
+            self.live_roles = ("policy",)  # then the engine frees the reference model
 
     def reference_logps(self, models: Models, batch: Batch) -> dict[str, torch.Tensor]:
         """``[B]`` reference log-probabilities of chosen and rejected, for the engine's cache."""
