@@ -336,12 +336,17 @@ def _from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool
     return TokenLogps(logps=_pad_left(torch.where(mask, picked, 0.0)), mask=_pad_left(mask), entropy=entropy)
 
 
-def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """The decoder body and output layer of a (wrapped) Hugging Face causal LM, or ``None``.
+def prepends_positions(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is prompt-tuned: peft prepends virtual tokens and drops ``position_ids``.
 
-    ``None`` means "take the plain path": the model is not a recognized causal LM, its
-    head transforms the logits, or prompt tuning prepends positions the loss must not see.
+    Such a model neither takes the chunked path nor can train on packed rows (without
+    ``position_ids`` it would attend across the packed sequences).
     """
+    return _innermost(model) is None
+
+
+def _innermost(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The Hugging Face model inside DDP, ``Frozen`` and peft wrappers; ``None`` if prompt-tuned."""
     m = model
     while True:
         m = unwrap(m)
@@ -357,7 +362,18 @@ def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
                 return None
             m = m.get_base_model()
         else:
-            break
+            return m
+
+
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The decoder body and output layer of a (wrapped) Hugging Face causal LM, or ``None``.
+
+    ``None`` means "take the plain path": the model is not a recognized causal LM, its
+    head transforms the logits, or prompt tuning prepends positions the loss must not see.
+    """
+    m = _innermost(model)
+    if m is None:
+        return None
     get_head, get_body = getattr(m, "get_output_embeddings", None), getattr(m, "get_decoder", None)
     if not callable(get_head) or not callable(get_body):
         return None

@@ -15,7 +15,7 @@ from aligntk_po import DPOLoss, SimPOLoss
 from aligntk_sft import SFTLoss
 from aligntk_sft.data import SFTData, pack
 
-from aligntk import DataContext, Models
+from aligntk import DataContext, Models, TrainingError
 from aligntk.engine import _count_tokens
 from aligntk.logprobs import AUTO_MIN_VOCAB, DEFAULT_CHUNK_SIZE, head_logps, resolve_chunk_size, token_logps
 from aligntk.models import frozen_copy
@@ -157,6 +157,11 @@ def test_peft_models_lora_chunked_and_prompt_tuning_plain(tok: Any) -> None:
     prompted = PeftPolicy(get_peft_model(tiny_model(tok), soft), virtual_tokens=3)
     out = token_logps(prompted, *args, labels=batch["labels"], chunk_size=3)
     assert not out.chunked and out.logps.shape == batch["input_ids"].shape
+    # peft drops position_ids under prompt tuning: packed rows would attend to each other.
+    packed = {"input_ids": batch["input_ids"][:1], "labels": batch["labels"][:1],
+              "position_ids": torch.arange(batch["input_ids"].shape[1])[None]}
+    with pytest.raises(TrainingError, match="prompt tuning"):
+        SFTLoss(SFTLoss.Config())(Models({"policy": prompted}), packed)
 
 
 def test_frozen_reference_gets_chunked_logps_without_a_graph(tok: Any) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aligntk import ComponentConfig, LossOutput, Models
-from aligntk.logprobs import ChunkSize, resolve_chunk_size, token_logps
+from aligntk import ComponentConfig, LossOutput, Models, TrainingError
+from aligntk.logprobs import ChunkSize, prepends_positions, resolve_chunk_size, token_logps
 from aligntk.types import Batch
 
 IGNORE_INDEX = -100
@@ -74,6 +74,11 @@ class SFTLoss:
 
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
         inputs = model_inputs(batch)
+        if "position_ids" in inputs and prepends_positions(models.policy):
+            raise TrainingError(
+                "data.packing does not work with prompt tuning: peft drops position_ids, so packed "
+                "sequences would attend to each other; set data.packing: false"
+            )
         chunk_size = resolve_chunk_size(models.policy, self.config.chunk_size)
         if chunk_size == 0:
             out = models.policy(**inputs, use_cache=False)
