@@ -38,7 +38,7 @@ def test_a_valid_recipe_resolves_with_defaults(tiny: dict[str, Any], registry: A
     assert resolved.update.config.learning_rate == 3e-3
     assert resolved.roles() == ("policy",)
     dumped = resolved.dump()
-    assert dumped["loss"] == [{"name": "sft", "weight": 1.0}]
+    assert dumped["loss"] == [{"name": "sft", "chunk_size": "auto", "weight": 1.0}]
     assert validate_recipe(dumped, registry).dump() == dumped  # the saved recipe runs as is
 
 

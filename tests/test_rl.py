@@ -143,3 +143,21 @@ def test_a_trained_reward_model_scores_rollouts(tiny: dict[str, Any], tmp_path: 
     scores = reward(["1+1=", "2+2="], ["2", "5"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     assert scores[0] != scores[1]
+
+
+def test_chunked_grpo_loss_equals_the_plain_one() -> None:
+    tok = char_tokenizer()
+    model = tiny_model(tok)
+    batch = _rollout_batch(model, tok)
+    results = []
+    for chunk in (0, 3):
+        out = GRPOLoss(GRPOLoss.Config(beta=0.1, chunk_size=chunk))(Models({"policy": model}), batch)
+        out.sum.backward()
+        results.append((out, [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked.sum, plain.sum)
+    for name in ("kl", "entropy", "clip_fraction"):
+        torch.testing.assert_close(chunked.metrics[name][0], plain.metrics[name][0])
+    for a, b in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

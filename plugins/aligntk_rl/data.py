@@ -127,8 +127,9 @@ class RolloutData:
         ]
         batch = {k: v.to(device) for k, v in self.collate_tokens(rows).items()}
         value_head = self._value_head(models)
-        _, old, values = policy_forward(policy, batch, value_head)
-        ref = policy_forward(models["reference"], batch)[1] if "reference" in models else old
+        sampled = policy_forward(policy, batch, value_head)
+        old, values = sampled.logps, sampled.values
+        ref = policy_forward(models["reference"], batch).logps if "reference" in models else old
         mask = (batch["labels"] != -100).float()
         scored = Scored(rewards=rewards.to(device), group_size=g, mask=mask, logps=old, ref_logps=ref, values=values)
         advantages, returns = self.advantage(scored)

@@ -8,14 +8,16 @@ head on the policy's last hidden state with PPO's clipped value loss, against th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import Field
 
 from aligntk import Batch, ComponentConfig, LossOutput, Models, TrainingError, part
+from aligntk.logprobs import ChunkSize, resolve_chunk_size, token_logps
 
-from .estimators import clipped_surrogate, clipped_value_loss, token_logps
+from .estimators import clipped_surrogate, clipped_value_loss
 
 
 class ValueHead(torch.nn.Module):
@@ -31,25 +33,44 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
 
 
-def policy_forward(
-    policy: torch.nn.Module, batch: Batch, value_head: torch.nn.Module | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(logits, token log-probs [B, T], values [B, T] or None)``, aligned with ``input_ids``.
+@dataclass
+class PolicyOutputs:
+    """Per-token outputs of one forward pass, ``[B, T]`` each, aligned with ``input_ids``.
 
-    ``values[:, t]`` is the value head's estimate before token ``t`` (from the hidden
-    state at ``t - 1``), the same alignment as the log-probs; position 0 is 0.
+    ``logps[:, t]`` is the log-probability of completion token ``t`` (0 off the
+    completion), ``entropy`` the predictive entropy there (detached), ``values[:, t]``
+    the value head's estimate before token ``t`` (``None`` without a head).
     """
-    out = policy(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        use_cache=False,
-        output_hidden_states=value_head is not None,
-    )
-    logps = token_logps(out.logits, batch["input_ids"])
+
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor | None = None
+
+
+def policy_forward(
+    model: torch.nn.Module, batch: Batch, value_head: torch.nn.Module | None = None, chunk_size: ChunkSize = "auto"
+) -> PolicyOutputs:
+    """Log-probs and entropy of the completion tokens (and values, with a value head).
+
+    Without a value head the output layer runs in chunks on completion tokens only
+    (``aligntk.logprobs``), so a large vocabulary never costs ``[B, T, V]`` float32
+    logits; a value head needs the last hidden states, so it takes the plain path.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if value_head is None:
-        return out.logits, logps, None
-    values = value_head(out.hidden_states[-1][:, :-1])
-    return out.logits, logps, torch.nn.functional.pad(values, (1, 0))
+        out = token_logps(
+            model, **inputs, labels=batch["labels"], chunk_size=resolve_chunk_size(model, chunk_size), with_entropy=True
+        )
+        return PolicyOutputs(out.logps, out.entropy)
+    hidden_out = model(**inputs, use_cache=False, output_hidden_states=True)
+    mask = batch["labels"] != -100
+    logprobs = torch.log_softmax(hidden_out.logits[:, :-1].float(), dim=-1)
+    picked = logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+    values = value_head(hidden_out.hidden_states[-1][:, :-1])
+    pad = torch.nn.functional.pad
+    return PolicyOutputs(pad(picked, (1, 0)) * mask, pad(entropy, (1, 0)) * mask, pad(values, (1, 0)))
 
 
 class GRPOConfig(ComponentConfig):
@@ -63,6 +84,8 @@ class GRPOConfig(ComponentConfig):
         aggregation: a registered aggregation: ``token`` (every completion token weighs
             the same, as DAPO), ``sequence`` (each completion's token mean, then the mean
             over completions, as the GRPO paper) or ``fixed_length`` (Dr. GRPO).
+        chunk_size: completion tokens per output-layer chunk (``0``: full logits;
+            ``auto``: chunks of 1024 from a 16k vocabulary up), as the ``sft`` loss's.
     """
 
     epsilon: float = Field(0.2, gt=0)
@@ -70,6 +93,7 @@ class GRPOConfig(ComponentConfig):
     beta: float = Field(0.04, ge=0)
     kl: part("kl") = "k3"
     aggregation: part("aggregation") = "token"
+    chunk_size: ChunkSize = "auto"
 
 
 class GRPOLoss:
@@ -88,25 +112,21 @@ class GRPOLoss:
         return self.aggregate.count((batch["labels"] != -100).float())
 
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
-        logits, logps, _ = policy_forward(models.policy, batch)
-        loss_sum, metrics = self.policy_terms(logits, logps, batch)
+        out = policy_forward(models.policy, batch, chunk_size=self.config.chunk_size)
+        loss_sum, metrics = self.policy_terms(out, batch)
         return LossOutput(sum=loss_sum, count=self.count(batch).to(loss_sum.device), metrics=metrics)
 
-    def policy_terms(
-        self, logits: torch.Tensor, logps: torch.Tensor, batch: Batch
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def policy_terms(self, out: PolicyOutputs, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         """The aggregated surrogate + KL penalty, and the metrics every online loss logs."""
         c = self.config
         mask = (batch["labels"] != -100).float()
         surrogate, clipped = clipped_surrogate(
-            logps, batch["old_logps"], batch["advantages"], c.epsilon, c.epsilon_high or c.epsilon
+            out.logps, batch["old_logps"], batch["advantages"], c.epsilon, c.epsilon_high or c.epsilon
         )
-        kl = self.kl(logps, batch["ref_logps"])
+        kl = self.kl(out.logps, batch["ref_logps"])
         loss_sum = self.aggregate(surrogate + c.beta * kl, mask)
         n_tokens, n_seqs = mask.sum(), torch.tensor(float(mask.size(0)), device=mask.device)
-        with torch.no_grad():
-            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            entropy = torch.nn.functional.pad(-(log_probs.exp() * log_probs).sum(-1), (1, 0))
+        entropy = out.entropy
         metrics = {
             "reward": (batch["rewards"].float().sum(), n_seqs),
             "kl": ((kl.detach() * mask).sum(), n_tokens),
@@ -154,9 +174,11 @@ class PPOLoss(GRPOLoss):
                 "estimator (data.advantage: gae)"
             )
         c = self.config
-        logits, logps, values = policy_forward(models.policy, batch, models.heads["value"])
-        loss_sum, metrics = self.policy_terms(logits, logps, batch)
+        out = policy_forward(models.policy, batch, models.heads["value"])
+        loss_sum, metrics = self.policy_terms(out, batch)
         mask = (batch["labels"] != -100).float()
+        values = out.values
+        assert values is not None
         value_loss, value_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], c.value_clip)
         value_sum = self.aggregate(value_loss, mask)
         n_tokens = mask.sum()
