@@ -304,7 +304,10 @@ def validate_recipe(raw: dict[str, Any], registry: Registry, source: str | Path 
 
 def _check_compatible(resolved: ResolvedRecipe, prefix: str) -> None:
     """The data must provide every field each loss reads; frozen roles need a model or a default."""
-    provides = resolved.data.cls.provides
+    data = resolved.data
+    # A data component whose fields depend on its options says so with provided_fields(config).
+    fields_for = getattr(data.cls, "provided_fields", None)
+    provides = fields_for(data.config) if fields_for is not None else data.cls.provides
     for loss in resolved.losses:
         missing = sorted(set(loss.cls.requires) - set(provides))
         if missing:

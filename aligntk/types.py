@@ -121,6 +121,10 @@ class DataComponent(Protocol):
     ``provides`` names the batch fields ``collate`` returns; the engine checks before
     step one that they cover what the loss ``requires``.
 
+    Optional: ``provided_fields(config) -> frozenset`` (a classmethod) when the fields
+    depend on the options (packed SFT batches carry ``position_ids``, no attention mask);
+    the recipe check uses it instead of ``provides``.
+
     Optional: ``rollout(models, examples) -> examples`` for online data. The engine
     calls it for each training micro-batch before ``collate``, under ``torch.no_grad()``
     with the policy in eval mode, so the component can sample completions from the

@@ -347,3 +347,14 @@ def test_kernels_benchmark_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     runpy.run_path(str(BENCHMARKS / "kernels" / "run.py"), run_name="__main__")
     (row,) = json.loads((out / "inter" / "results.json").read_text())["interleaved"]
     assert row["ratio"] > 0
+
+
+def test_packing_is_checked_against_the_loss_fields_before_anything_loads(tiny: dict) -> None:
+    from aligntk import RecipeError, load_plugins
+    from aligntk.recipe import validate_recipe
+
+    registry = load_plugins().registry
+    packed = {**tiny, "data": {**tiny["data"], "packing": True}}
+    validate_recipe(packed, registry)  # the sft loss reads position_ids when there is no mask
+    with pytest.raises(RecipeError, match=r"loss 'dpo' needs batch fields .* that data 'sft' does not provide"):
+        validate_recipe({**packed, "loss": {"name": "dpo"}}, registry)

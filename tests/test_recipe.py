@@ -96,7 +96,7 @@ def test_data_must_provide_what_the_loss_reads(tiny: dict[str, Any], registry: A
     reg.components = {k: dict(v) for k, v in registry.components.items()}
     reg.add("data", "ids_only", RewardsOnly, "test")
     message = error({**tiny, "data": {"name": "ids_only"}}, reg)
-    assert "loss 'sft' needs batch fields ['attention_mask', 'labels'] that data 'ids_only' does not provide" in message
+    assert "loss 'sft' needs batch fields ['labels'] that data 'ids_only' does not provide" in message
 
 
 def test_paths_resolve_relative_to_the_recipe_file(tmp_path: Path, registry: Any, tiny: dict[str, Any]) -> None:

@@ -88,6 +88,11 @@ class SFTData:
     Config = SFTDataConfig
     provides = frozenset({"input_ids", "attention_mask", "labels"})
 
+    @classmethod
+    def provided_fields(cls, config: SFTDataConfig) -> frozenset[str]:
+        """Packed batches carry ``position_ids`` instead of an attention mask."""
+        return frozenset({"input_ids", "position_ids", "labels"}) if config.packing else cls.provides
+
     def __init__(self, config: SFTDataConfig):
         self.config = config
         self.pad_token_id: int | None = None

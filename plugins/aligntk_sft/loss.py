@@ -63,7 +63,7 @@ class SFTLoss:
     """``-log Pr(y | x)`` summed over output tokens; the engine divides by the token count."""
 
     Config = SFTLossConfig
-    requires = frozenset({"input_ids", "attention_mask", "labels"})
+    requires = frozenset({"input_ids", "labels"})  # and attention_mask or (packed) position_ids
     roles = ("policy",)
 
     def __init__(self, config: SFTLossConfig):
