@@ -137,10 +137,15 @@ def token_logps(
 
 def resolve_chunk_size(model: torch.nn.Module, chunk_size: int | str) -> int:
     """The chunk size to use for ``model``: ``auto`` becomes ``DEFAULT_CHUNK_SIZE`` for a
-    recognized causal LM with at least ``AUTO_MIN_VOCAB`` output entries, else ``0``.
+    recognized causal LM with at least ``AUTO_MIN_VOCAB`` output entries, else ``0``
+    (also ``0`` for a model compiled with ``torch.compile``).
     """
     if chunk_size != "auto":
         return int(chunk_size)
+    if hasattr(model, "_orig_mod"):
+        # torch.compile (train.compile): the chunked path hooks the decoder on every call,
+        # which would make the compiled graph's guards fail and recompile each step.
+        return 0
     found = _body_and_head(model)
     if found is None:
         return 0

@@ -358,3 +358,17 @@ def test_packing_is_checked_against_the_loss_fields_before_anything_loads(tiny: 
     validate_recipe(packed, registry)  # the sft loss reads position_ids when there is no mask
     with pytest.raises(RecipeError, match=r"loss 'dpo' needs batch fields .* that data 'sft' does not provide"):
         validate_recipe({**packed, "loss": {"name": "dpo"}}, registry)
+
+
+def test_auto_chunking_steps_aside_for_a_compiled_model() -> None:
+    from aligntk.logprobs import resolve_chunk_size
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns: the model under _orig_mod
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self._orig_mod = inner
+
+    model = tiny_model(char_tokenizer(), vocab_size=20000)
+    assert resolve_chunk_size(model, "auto") > 0
+    assert resolve_chunk_size(Compiled(model), "auto") == 0
+    assert resolve_chunk_size(Compiled(model), 64) == 64  # an explicit size is the user's choice
