@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from aligntk_rl import PPOLoss
 from aligntk_rl.estimators import (
     AggregationConfig,
@@ -24,7 +25,7 @@ from aligntk_rl.loss import GRPOConfig
 from safetensors.torch import load_file
 from test_rl import OnesPlugin
 
-from aligntk import AligntkError, Models, RecipeError, Scored, load_plugins
+from aligntk import AligntkError, ComponentConfig, Models, RecipeError, Scored, hookimpl, load_plugins
 from aligntk.recipe import validate_recipe
 from aligntk.testing import char_tokenizer, read_metrics, run_recipe, tiny_model
 
@@ -214,3 +215,35 @@ def test_grpo_options_pick_registered_components() -> None:
     assert config.kl.name == "k1" and config.aggregation.config.tokens == 8
     with pytest.raises(ValueError, match="unknown aggregation 'tokens', did you mean 'token'"):
         GRPOConfig(aggregation="tokens")
+
+
+class RewardAsAdvantage:
+    """A third-party estimator (the docs' example): REINFORCE without a baseline."""
+
+    class Config(ComponentConfig):
+        scale: float = 1.0
+
+    needs_values = False
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def __call__(self, scored: Scored) -> tuple[torch.Tensor, None]:
+        return self.config.scale * scored.rewards[:, None] * scored.mask, None
+
+
+class ReinforcePlugin:
+    @hookimpl
+    def aligntk_register_advantages(self, register: Any) -> None:
+        register("reinforce", RewardAsAdvantage)
+
+
+def test_a_plugin_registered_estimator_is_chosen_by_name(tiny: dict[str, Any]) -> None:
+    recipe = _ppo_recipe(tiny, advantage={"name": "reinforce", "scale": 0.5})
+    recipe["loss"] = {"name": "grpo", "beta": 0.0}
+    plugins = {"ones": OnesPlugin(), "reinforce": ReinforcePlugin()}
+    result = run_recipe(recipe, ["train.max_steps=2", "train.batch_size=2"], plugins=plugins)
+    saved = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
+    assert saved["data"]["advantage"] == {"name": "reinforce", "scale": 0.5}
+    with pytest.raises(RecipeError, match=r"data\.advantage: unknown advantage 'reinforce'"):
+        run_recipe(recipe, ["train.max_steps=1"], plugins={"ones": OnesPlugin()}, overwrite=True)
