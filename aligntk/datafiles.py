@@ -40,8 +40,9 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         path: a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file.
 
     Raises:
-        DataError: the file is missing, has an unknown extension, cannot be parsed, or holds
-            a row that is not an object. The message starts with the file (and line or row).
+        DataError: the file is missing, has an unknown extension, cannot be parsed, holds
+            a row that is not an object, or has no rows. The message starts with the file
+            (and line or row).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -53,10 +54,15 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    rows = 0
     try:
-        yield from readers[suffix](path)
+        for row in readers[suffix](path):
+            rows += 1
+            yield row
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if rows == 0:
+        raise DataError(f"{path}: the file has no rows")
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -101,8 +101,6 @@ class PreferenceData:
 
     def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
         encoded = [self._encode(where, row, tokenizer) for where, row in read_rows(path)]
-        if not encoded:
-            raise DataError(f"{path}: the file has no rows")
         skipped = DataReport()
         return keep_fitting(path, [self._fit(enc, skipped) for enc in encoded], skipped, report)
 

@@ -93,8 +93,6 @@ class RolloutData:
                 raise DataError(f"{where}: {c.reference_key!r} must be a string")
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             out.append({"prompt": prompt, "prompt_ids": ids, "reference": reference})
-        if not out:
-            raise DataError(f"{path}: the file has no rows")
         return out
 
     def rollout(self, models: Models, examples: Sequence[Example]) -> list[Example]:

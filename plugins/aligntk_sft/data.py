@@ -113,8 +113,6 @@ class SFTData:
 
     def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
         rows = [self._parse(where, row) for where, row in read_rows(path)]
-        if not rows:
-            raise DataError(f"{path}: the file has no rows")
         skipped = DataReport()
         fitted = [
             self._fit(self._encode_pair(row, tokenizer) if isinstance(row, _Pair) else self._encode_chat(row, tokenizer), skipped)
