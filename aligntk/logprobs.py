@@ -123,7 +123,7 @@ def token_logps(
     hidden = _decoder_hidden(model, found[0], found[1], inputs) if found is not None else None
     if hidden is None:
         logits = model(**_present(inputs), use_cache=False).logits
-        return _from_logits(logits, targets, with_entropy)
+        return logps_from_logits(logits, targets, with_entropy)
     assert found is not None
     mask = targets[:, 1:] != IGNORE_INDEX
     picked, entropy = head_logps(hidden[:, :-1][mask], found[1], targets[:, 1:][mask], chunk_size, with_entropy)
@@ -329,8 +329,11 @@ def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _pad_left(out.masked_scatter(mask, values.float()))
 
 
-def _from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> TokenLogps:
-    """The plain path: full ``[B, T, V]`` logits, upcast to float32."""
+def logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False) -> TokenLogps:
+    """The plain path, from logits a caller already has: full ``[B, T, V]``, upcast to float32.
+
+    ``targets`` are labels (``-100`` where nothing is scored), aligned as in ``token_logps``.
+    """
     mask = targets[:, 1:] != IGNORE_INDEX
     logps = logits[:, :-1].float().log_softmax(-1)
     picked = logps.gather(-1, targets[:, 1:].masked_fill(~mask, 0)[..., None]).squeeze(-1)

@@ -78,7 +78,7 @@ def test_chunked_token_logps_equal_plain_in_value_and_gradient(tok: Any, chunk_s
 
 
 def test_token_logps_of_given_ids_align_with_the_rl_convention(tok: Any) -> None:
-    from aligntk_rl.estimators import token_logps as from_logits
+    from test_rl import token_logps as from_logits
 
     model = tiny_model(tok)
     batch = tiny_batch(tok, PAIRS)

@@ -134,7 +134,7 @@ def test_ppo_first_step_is_the_advantage_weighted_logprob_gradient() -> None:
     labels = ids.clone()
     labels[:, :4] = -100
     with torch.no_grad():
-        from aligntk_rl.estimators import token_logps
+        from test_rl import token_logps
 
         old = token_logps(model(input_ids=ids).logits, ids)
     mask = (labels != -100).float()

@@ -9,10 +9,17 @@ from typing import Any
 import pytest
 import torch
 from aligntk_rl import GRPOLoss, RolloutData
-from aligntk_rl.estimators import K1, K2, K3, KLConfig, group_advantages, rloo_advantages, token_logps
+from aligntk_rl.estimators import K1, K2, K3, KLConfig, group_advantages, rloo_advantages
 
 from aligntk import ComponentConfig, Models, hookimpl
 from aligntk.testing import char_tokenizer, read_metrics, run_recipe, tiny_model
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Independent reference: every token's log-prob from full logits, ``[B, T]``, position 0 is 0."""
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(picked, (1, 0))
 
 
 def test_kl_estimators_known_values() -> None:

@@ -277,23 +277,8 @@ class FixedLength:
 
 
 # --------------------------------------------------------------------------------------
-# Token log-probs and the clipped surrogate
+# The clipped surrogate and the clipped value loss
 # --------------------------------------------------------------------------------------
-
-
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each token given those before it, aligned with ``input_ids``.
-
-    Args:
-        logits: ``[B, T, V]``; position ``t`` predicts token ``t + 1``.
-        input_ids: ``[B, T]``.
-
-    Returns:
-        ``[B, T]`` float32; position 0 (no prediction) is 0.
-    """
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return torch.nn.functional.pad(picked, (1, 0))
 
 
 def clipped_surrogate(

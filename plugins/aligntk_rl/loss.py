@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from aligntk import Batch, ComponentConfig, LossOutput, Models, TrainingError, part
-from aligntk.logprobs import ChunkSize, resolve_chunk_size, token_logps
+from aligntk.logprobs import ChunkSize, logps_from_logits, resolve_chunk_size, token_logps
 
 from .estimators import clipped_surrogate, clipped_value_loss
 
@@ -63,14 +63,9 @@ def policy_forward(
         )
         return PolicyOutputs(out.logps, out.entropy)
     hidden_out = model(**inputs, use_cache=False, output_hidden_states=True)
-    mask = batch["labels"] != -100
-    logprobs = torch.log_softmax(hidden_out.logits[:, :-1].float(), dim=-1)
-    picked = logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
+    out = logps_from_logits(hidden_out.logits, batch["labels"], with_entropy=True)
     values = value_head(hidden_out.hidden_states[-1][:, :-1])
-    pad = torch.nn.functional.pad
-    return PolicyOutputs(pad(picked, (1, 0)) * mask, pad(entropy, (1, 0)) * mask, pad(values, (1, 0)))
+    return PolicyOutputs(out.logps, out.entropy, torch.nn.functional.pad(values, (1, 0)))
 
 
 class GRPOConfig(ComponentConfig):
