@@ -7,12 +7,20 @@ Each is a pure function of tensors plus a small component class around it.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, PositiveInt
 
 from aligntk import ComponentConfig, Scored
+
+
+class _Configured:
+    """Every estimator and aggregation is built from its options and keeps them."""
+
+    def __init__(self, config: Any):
+        self.config = config  # the subclass's own Config
+
 
 # --------------------------------------------------------------------------------------
 # Advantage estimators
@@ -97,14 +105,11 @@ class GroupConfig(ComponentConfig):
     eps: float = Field(1e-4, ge=0)
 
 
-class GroupAdvantage:
+class GroupAdvantage(_Configured):
     """Every token of a completion gets its group-normalized reward (GRPO)."""
 
     Config = GroupConfig
     needs_values: ClassVar[bool] = False
-
-    def __init__(self, config: GroupConfig):
-        self.config = config
 
     def __call__(self, scored: Scored) -> tuple[torch.Tensor, None]:
         per_seq = group_advantages(scored.rewards.view(-1, scored.group_size), self.config.eps, self.config.scale)
@@ -115,14 +120,11 @@ class RLOOConfig(ComponentConfig):
     """``rloo`` has no options."""
 
 
-class RLOOAdvantage:
+class RLOOAdvantage(_Configured):
     """Every token of a completion gets its reward minus the mean of the rest of its group."""
 
     Config = RLOOConfig
     needs_values: ClassVar[bool] = False
-
-    def __init__(self, config: RLOOConfig):
-        self.config = config
 
     def __call__(self, scored: Scored) -> tuple[torch.Tensor, None]:
         per_seq = rloo_advantages(scored.rewards.view(-1, scored.group_size))
@@ -145,15 +147,12 @@ class GAEConfig(ComponentConfig):
     whiten: bool = True
 
 
-class GAEAdvantage:
+class GAEAdvantage(_Configured):
     """PPO's advantages from a learned value head: the sequence reward on the last
     completion token, an optional per-token KL penalty, then GAE."""
 
     Config = GAEConfig
     needs_values: ClassVar[bool] = True
-
-    def __init__(self, config: GAEConfig):
-        self.config = config
 
     def __call__(self, scored: Scored) -> tuple[torch.Tensor, torch.Tensor]:
         c, mask = self.config, scored.mask
@@ -178,37 +177,28 @@ class KLConfig(ComponentConfig):
     """KL estimators have no options."""
 
 
-class K1:
+class K1(_Configured):
     """``log pi - log pi_ref``: unbiased for KL(pi || ref), can be negative."""
 
     Config = KLConfig
-
-    def __init__(self, config: KLConfig):
-        self.config = config
 
     def __call__(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
         return logps - ref_logps
 
 
-class K2:
+class K2(_Configured):
     """``(log pi - log pi_ref)^2 / 2``: biased, low variance, >= 0."""
 
     Config = KLConfig
-
-    def __init__(self, config: KLConfig):
-        self.config = config
 
     def __call__(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
         return 0.5 * (logps - ref_logps) ** 2
 
 
-class K3:
+class K3(_Configured):
     """``exp(d) - d - 1`` with ``d = log pi_ref - log pi``: unbiased and >= 0 (GRPO's choice)."""
 
     Config = KLConfig
-
-    def __init__(self, config: KLConfig):
-        self.config = config
 
     def __call__(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
         d = ref_logps - logps
@@ -224,13 +214,10 @@ class AggregationConfig(ComponentConfig):
     """``token`` and ``sequence`` have no options."""
 
 
-class TokenMean:
+class TokenMean(_Configured):
     """Every completion token weighs the same (DAPO): sum over tokens / global token count."""
 
     Config = AggregationConfig
-
-    def __init__(self, config: AggregationConfig):
-        self.config = config
 
     def __call__(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (per_token * mask).sum()
@@ -239,13 +226,10 @@ class TokenMean:
         return mask.sum()
 
 
-class SequenceMean:
+class SequenceMean(_Configured):
     """Each completion's token mean, then the mean over completions (the GRPO paper)."""
 
     Config = AggregationConfig
-
-    def __init__(self, config: AggregationConfig):
-        self.config = config
 
     def __call__(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
@@ -260,14 +244,11 @@ class FixedLengthConfig(ComponentConfig):
     tokens: PositiveInt = 16
 
 
-class FixedLength:
+class FixedLength(_Configured):
     """Each completion's token sum divided by a constant, then the mean over completions
     (Dr. GRPO, https://arxiv.org/abs/2503.20783: no length bias from the normalizer)."""
 
     Config = FixedLengthConfig
-
-    def __init__(self, config: FixedLengthConfig):
-        self.config = config
 
     def __call__(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (per_token * mask).sum() / self.config.tokens
