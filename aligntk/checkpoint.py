@@ -1,30 +1,60 @@
 """Checkpoints that a crash never leaves half-written, and exact resume.
 
 A checkpoint is a folder ``checkpoints/step-00000012`` holding the model weights
-(safetensors), the optimizer, scheduler and scaler state, and the random-number
-state. It is written under a temporary name and renamed into place, so any folder
-with a final name is complete. The data order is a function of the step (see
+(safetensors), the optimizer, scheduler and scaler state, the random-number state, and
+``manifest.json`` (each file's size and sha256). It is written under a temporary name,
+every file is fsynced, and the folder is renamed into place, so a folder with a final
+name was complete when it was written. Its manifest tells, on resume, whether it is
+still the same: a checkpoint damaged later (a truncated file, a flipped byte, a file
+deleted) is passed over with a warning for the newest one that verifies and loads.
+
+Weights are checked finite before anything is written, so every checkpoint is a good
+one to go back to. The data order is a function of the step (see
 ``engine.global_batch_indices``), so no data-loader state is needed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
-from .errors import AligntkError
+from .errors import AligntkError, TrainingError
+
+log = logging.getLogger("aligntk")
 
 _PREFIX = "step-"
+MANIFEST = "manifest.json"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding a NaN or an infinity (empty when all are finite)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    floating = [(n, t) for n, t in tensors if t.is_floating_point()]
+    if not floating:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floating]).tolist()  # one host sync
+    return [n for (n, _), ok in zip(floating, finite) if not ok]
+
+
+def require_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse to write ``what`` when any weight is not finite: a NaN model is never saved."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingError(f"not writing {what}: {len(bad)} weight tensor(s) are not finite ({shown})")
 
 
 def save_checkpoint(
@@ -37,7 +67,12 @@ def save_checkpoint(
     keep: int,
     trainer_state: dict[str, Any],
 ) -> Path:
-    """Write the checkpoint for ``step`` atomically; keep the newest ``keep`` checkpoints."""
+    """Write the checkpoint for ``step`` atomically; keep the newest ``keep`` checkpoints.
+
+    Raises:
+        TrainingError: a weight is not finite; nothing is written and older checkpoints stay.
+    """
+    require_finite(model, f"the checkpoint for step {step}")
     root = checkpoint_dir(run_dir)
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp-{_PREFIX}{step:08d}"
@@ -53,6 +88,7 @@ def save_checkpoint(
     }
     torch.save(state, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}))
+    write_manifest(tmp)
     _fsync_dir(tmp)
     if final.exists():  # a re-run of the same step after a resume: replace it
         shutil.rmtree(final)
@@ -63,8 +99,44 @@ def save_checkpoint(
     return final
 
 
+def write_manifest(folder: Path) -> None:
+    """fsync every file in ``folder`` and record its size and sha256 in ``manifest.json``."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        _fsync_file(path)
+    manifest = folder / MANIFEST
+    manifest.write_text(json.dumps({"files": files}, indent=1))
+    _fsync_file(manifest)
+
+
+def verify(folder: Path) -> str | None:
+    """Why ``folder`` is not the checkpoint its manifest describes (None when it is).
+
+    A checkpoint from before manifests were written has none and is taken as it is;
+    loading it still has to succeed.
+    """
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{manifest} is not a readable manifest"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{path} has {size} bytes, the manifest says {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{path} does not match its sha256 in the manifest"
+    return None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders are not complete)."""
+    """Checkpoints with a final name, oldest first (temporary folders are not complete)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
@@ -72,8 +144,50 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest checkpoint that verifies against its manifest, or None."""
+    return next((p for p in reversed(list_checkpoints(run_dir)) if verify(p) is None), None)
+
+
+def load_latest(
+    candidates: Iterable[Path],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[Path, dict[str, Any]]:
+    """Restore the newest of ``candidates`` (newest first) that verifies and loads.
+
+    A damaged one is passed over with a one-line warning naming the file. Everything is
+    read and checked before the model and optimizer are touched, so a checkpoint that
+    fails to load leaves them as they were for the next one.
+
+    Raises:
+        AligntkError: no candidate loads; the message says why the newest did not.
+    """
+    reasons: list[str] = []
+    for path in candidates:
+        try:
+            loaded = _read(path)
+        except AligntkError as exc:
+            log.warning("skipping damaged checkpoint: %s", exc)
+            reasons.append(str(exc))
+            continue
+        weights, state, trainer_state = loaded
+        _check_keys(model, weights, path)
+        try:
+            model.load_state_dict(weights, strict=False)  # tied names were saved once: _check_keys
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:  # a checkpoint of another model or optimizer
+            raise AligntkError(f"{path}: does not fit this run's model or optimizer: {exc}".splitlines()[0]) from None
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        return path, trainer_state
+    detail = f": newest: {reasons[0]}" if reasons else ""
+    raise AligntkError(f"--resume: no checkpoint could be loaded ({len(reasons)} damaged){detail}")
 
 
 def load_checkpoint(
@@ -83,22 +197,64 @@ def load_checkpoint(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
 ) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` wrote; return its trainer state (``step`` ...)."""
+    """Restore everything ``save_checkpoint`` wrote into ``path``; return its trainer state (``step`` ...)."""
+    return load_latest([path], model, optimizer, scheduler, scaler)[1]
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Weights, state and trainer state of one checkpoint, verified; ``AligntkError`` names the bad file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    problem = verify(path)
+    if problem is not None:
+        raise AligntkError(problem)
+    current = path / "model.safetensors"
     try:
-        load_model(model, str(path / "model.safetensors"))
-        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        weights = load_file(str(current))
+        current = path / "state.pt"
+        state = torch.load(current, weights_only=True, map_location="cpu")
+        current = path / "trainer_state.json"
+        trainer_state = json.loads(current.read_text())
         int(trainer_state["step"])
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        raise AligntkError(f"{path}: cannot resume from this checkpoint: {exc}".splitlines()[0]) from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return trainer_state
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError, SafetensorError) as exc:
+        # torch.load's message suggests weights_only=False, which would run pickled code: never repeat it.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in reason or "pickle" in reason.lower():
+            reason = "not a readable checkpoint state file"
+        raise AligntkError(f"{current}: cannot be read ({reason})") from None
+    bad = [n for n, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AligntkError(f"{path / 'model.safetensors'}: {len(bad)} weight tensor(s) are not finite ({bad[0]})")
+    return weights, state, trainer_state
+
+
+def _check_keys(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Every saved tensor must be in the model, and every model tensor saved (tied weights aside)."""
+    own = model.state_dict()
+    unexpected = sorted(set(weights) - set(own))
+    # save_model drops the second name of a tied pair; those share storage with a saved one.
+    saved_storage = {own[n].untyped_storage().data_ptr() for n in weights if n in own}
+    missing = sorted(n for n in set(own) - set(weights) if own[n].untyped_storage().data_ptr() not in saved_storage)
+    if unexpected or missing:
+        raise AligntkError(
+            f"{path / 'model.safetensors'}: does not fit this run's model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    """Make a file's contents durable before the folder holding it is renamed into place."""
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import AligntkError
+from .errors import AligntkError, Interrupted
 from .plugins import Plugins, load_plugins
 from .recipe import ResolvedRecipe, read_recipe, validate_recipe
 
@@ -24,9 +24,12 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except Interrupted as exc:  # preempted: a checkpoint is written, resume later
+            click.echo(str(exc), err=True)
+            sys.exit(exc.exit_code)
         except AligntkError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: checkpoints already written are kept; continue with --resume", err=True)
             sys.exit(130)
@@ -122,8 +125,11 @@ def run(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) 
 @click.argument("overrides", nargs=-1)
 @_user_errors
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:
-    """Check RECIPE and every component's options without loading any model."""
+    """Check RECIPE, every component's options, model folders and the device, without loading any model."""
+    from .models import check_resources
+
     resolved = _resolve(recipe, overrides, _plugins())
+    check_resources(resolved)
     names = ", ".join(c.name for c in resolved.losses)
     click.echo(f"{recipe}: ok (data {resolved.data.name}, loss {names}, update {resolved.update.name})")
 

@@ -14,6 +14,9 @@ import functools
 import json
 import logging
 import math
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint as ckpt
 from .distributed import Dist, init_distributed, shutdown
-from .errors import AligntkError, TrainingError
+from .errors import AligntkError, Interrupted, TrainingError
 from .models import (
     Frozen,
     attach_heads,
@@ -40,7 +43,7 @@ from .models import (
 from .plugins import Plugins
 from .precision import Precision
 from .recipe import ResolvedRecipe
-from .rundir import check_run_dir, check_same_recipe, drop_metrics_after, start_run_dir
+from .rundir import check_run_dir, check_same_recipe, drop_metrics_after, record_written, start_run_dir
 from .types import Batch, DataContext, DataSplits, Example, LossComponent, Models, RunInfo
 
 log = logging.getLogger("aligntk")
@@ -99,10 +102,11 @@ def train(
 ) -> RunResult:
     """Run a validated recipe to the end; return where it wrote and what it measured."""
     recipe, spec = resolved.recipe, resolved.train
+    plugins = plugins.without(resolved.disabled_plugins)  # `enabled: false` in the recipe's plugins section
     d = init_distributed(spec.device)
-    run_dir = Path(recipe.output_dir)
+    run_dir = Path(recipe.output_dir).expanduser()
     try:
-        resume_from = check_run_dir(run_dir, resume, overwrite)
+        candidates = check_run_dir(run_dir, resume, overwrite)
         base_dir = resolved.source.resolve().parent if resolved.source else Path.cwd()
 
         torch.manual_seed(recipe.seed)  # same initial weights on every process
@@ -122,9 +126,10 @@ def train(
         optimizer, scheduler = update.configure(policy, spec.max_steps)
         precision = Precision(spec.precision, d.device)
         trainer_state: dict[str, Any] = {"step": 0}
-        if resume_from is not None:
+        resume_from = None
+        if candidates:
             check_same_recipe(run_dir, resolved)
-            trainer_state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, precision.scaler)
+            resume_from, trainer_state = ckpt.load_latest(candidates, policy, optimizer, scheduler, precision.scaler)
             log.info("resuming from %s (step %d)", resume_from, trainer_state["step"])
         start_step = int(trainer_state["step"])
         trainable, total = count_parameters(policy)
@@ -152,6 +157,7 @@ def train(
             device=str(d.device),
             trainable_parameters=trainable,
             total_parameters=total,
+            plugin_options=dict(resolved.plugin_options),
         )
         trainer = _Trainer(
             resolved=resolved,
@@ -171,6 +177,7 @@ def train(
             precision=precision,
         )
         trainer.tokens_seen = int(trainer_state.get("tokens_seen", 0))
+        trainer.skips = _Skips(int(trainer_state.get("skipped_steps", 0)), int(trainer_state.get("skipped_in_a_row", 0)))
         return trainer.fit()
     finally:
         shutdown(d)
@@ -228,6 +235,49 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@dataclass
+class _Skips:
+    """Optimizer steps whose update was dropped (non-finite loss or gradients): in all, and in a row."""
+
+    total: int = 0
+    in_a_row: int = 0
+
+
+class _StopSignals:
+    """SIGTERM (what SLURM and Kubernetes send before they kill) and SIGINT ask for a clean stop.
+
+    The first one only sets ``received``: the loop finishes the optimizer step it is in,
+    writes a checkpoint and exits. A second one gets the previous handler (Ctrl-C twice
+    stops at once). Handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        log.warning(
+            "received %s: stopping after this optimizer step with a checkpoint (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
 
 class _MetricSums:
@@ -291,6 +341,9 @@ class _Trainer:
         self.global_batch = self.per_rank * self.d.world_size
         self.metrics_file = self.info.run_dir / "metrics.jsonl"
         self.tokens_seen = 0
+        self.skips = _Skips()
+        self.signals = _StopSignals()
+        self._listed: set[str] = set()  # run-folder entries already in the run manifest
         self.cache = {}
         self._rollouts: tuple[int, list[Batch]] | None = None
         names = [c.name for c in self.resolved.losses]
@@ -305,6 +358,7 @@ class _Trainer:
         error: BaseException | None = None
         evaluated_at = -1
         try:
+            self.signals.__enter__()
             self.precompute()
             self.release_unused_models()
             if self.d.is_main:
@@ -313,6 +367,7 @@ class _Trainer:
                 result.first_eval, evaluated_at = self.evaluate(0), 0
             for step in range(info.start_step + 1, spec.max_steps + 1):
                 metrics = self.train_step(step)
+                preempted = bool(metrics.pop("stop_signal"))  # the same on every process
                 self.tokens_seen += int(metrics["tokens"])
                 metrics["tokens_seen"] = self.tokens_seen
                 result.steps, result.last_train = step, metrics
@@ -327,23 +382,33 @@ class _Trainer:
                     result.stopped = stop or "stopped by a plugin on the main process"
                 if hook_error is not None:
                     raise hook_error
-                if spec.eval_every and step % spec.eval_every == 0 and step != spec.max_steps:
+                if spec.eval_every and step % spec.eval_every == 0 and step != spec.max_steps and not preempted:
                     result.last_eval, evaluated_at = self.evaluate(step), step
-                if spec.save_every and step % spec.save_every == 0:
-                    self.save_checkpoint(step)
+                if (spec.save_every and step % spec.save_every == 0) or preempted:
+                    path = self.save_checkpoint(step)
+                if preempted:
+                    name = signal.Signals(self.signals.received or signal.SIGTERM).name
+                    raise Interrupted(
+                        f"stopped by {name} after step {step} of {spec.max_steps}; checkpoint {path}: "
+                        "continue with --resume"
+                    )
                 if result.stopped:
                     log.warning("stopping after step %d: %s", step, result.stopped)
                     break
             if evaluated_at != result.steps:
                 result.last_eval = self.evaluate(result.steps)
             if self.d.is_main:
-                save_pretrained(self.policy, self.tokenizer, info.run_dir / "model")
+                self.save_model()
         except BaseException as exc:
             error = exc
             raise
         finally:
+            self.signals.__exit__()
             if self.d.is_main:
-                self.plugins.on_run_end(info, {**result.last_train, **result.last_eval}, error)
+                try:
+                    self.plugins.on_run_end(info, {**result.last_train, **result.last_eval}, error)
+                finally:
+                    record_written(info.run_dir)
         return result
 
     def micro_batches(self, step: int) -> list[Batch]:
@@ -481,38 +546,72 @@ class _Trainer:
             tokens += _count_tokens(batch)
 
         grad_norm = self._unscale_and_clip()
-        # One all-reduce and one host sync per optimizer step, for logging and the NaN guard.
-        packed = torch.cat([sums, metric_sums.packed(self.d.device), tokens[None]])
+        # One all-reduce and one host sync per optimizer step: for logging, the non-finite
+        # guard, and a stop signal that any process received (so every process stops here).
+        signalled = torch.tensor([float(self.signals.received != 0)], device=self.d.device)
+        packed = torch.cat([sums, metric_sums.packed(self.d.device), tokens[None], signalled])
         self.d.all_reduce(packed)
         values = torch.cat([packed, grad_norm.detach().float()[None]]).tolist()
+        *values, n_tokens, stop_signal, grad_norm_value = values
         loss_counts = denominators.tolist()
         per_loss = [values[i] / loss_counts[i] for i in range(n_losses)]
         loss_value = sum(w * v for w, v in zip(self.weights, per_loss))
         if penalty is not None:
             loss_value += float(penalty.detach())
-        if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            last = ckpt.latest_checkpoint(self.info.run_dir)
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            raise TrainingError(
-                f"step {step}: the loss is {loss_value} (not finite); stopped before applying this update, "
-                f"{kept}. Lower update.learning_rate, use precision bf16 rather than fp16, or check the data"
-            )
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-        self._optimizer_step()
+        skipped = self._apply_update(step, loss_value, grad_norm_value)
         elapsed = time.perf_counter() - started
         metrics: dict[str, float] = {
             "loss": loss_value,
             "lr": lr,
-            "grad_norm": values[-1],
-            "tokens": values[-2],
-            "tokens_per_s": values[-2] / elapsed if elapsed > 0 else 0.0,
+            "grad_norm": grad_norm_value,
+            "tokens": n_tokens,
+            "tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
             "step_time": elapsed,
         }
+        if self.skips.total:
+            metrics.update({"skipped": float(skipped), "skipped_steps": float(self.skips.total)})
         if n_losses > 1:
             metrics.update({f"{k}/loss": v for k, v in zip(self.loss_keys, per_loss)})
-        metrics.update(metric_sums.results(values[n_losses:-2], loss_counts))
+        metrics.update(metric_sums.results(values[n_losses:], loss_counts))
+        metrics["stop_signal"] = stop_signal
         return metrics
+
+    def _apply_update(self, step: int, loss_value: float, grad_norm: float) -> bool:
+        """Step the optimizer only on a finite loss and finite gradients; return whether the update was dropped.
+
+        Under fp16 an overflow in the gradients is the gradient scaler's business: it skips the
+        step and lowers its scale, which is expected now and then, so it is counted, not an
+        error, until ``train.max_skipped_steps`` in a row. A non-finite loss, or non-finite
+        gradients without a scaler, follows ``train.on_nonfinite``: ``stop`` (the default)
+        raises before anything is applied; ``skip`` drops this update and goes on.
+        """
+        scaler_overflow = self.precision.scaler is not None and math.isfinite(loss_value)
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            self._optimizer_step()
+            self.skips.in_a_row = 0
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.precision.scaler is not None:
+            self.precision.scaler.update()  # lowers the scale; unscale_ was called for this step
+        what = f"the gradient norm is {grad_norm}" if math.isfinite(loss_value) else f"the loss is {loss_value}"
+        last = ckpt.latest_checkpoint(self.info.run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        if self.spec.on_nonfinite == "stop" and not scaler_overflow:
+            raise TrainingError(
+                f"step {step}: {what} (not finite); stopped before applying this update, {kept}. Lower "
+                "update.learning_rate, use precision bf16 rather than fp16, check the data, or set "
+                "train.on_nonfinite: skip"
+            )
+        self.skips.total += 1
+        self.skips.in_a_row += 1
+        log.warning("step %d: %s (not finite): this update was dropped (%d in a row)", step, what, self.skips.in_a_row)
+        if self.skips.in_a_row >= self.spec.max_skipped_steps:
+            raise TrainingError(
+                f"step {step}: {self.skips.in_a_row} updates in a row were dropped ({what}); stopped, {kept}. "
+                "Lower update.learning_rate or check the data (train.max_skipped_steps sets the limit)"
+            )
+        return True
 
     def _backward(self, total: torch.Tensor) -> None:
         scaler = self.precision.scaler
@@ -528,7 +627,7 @@ class _Trainer:
     def _optimizer_step(self) -> None:
         scaler = self.precision.scaler
         if scaler is not None:
-            scaler.step(self.optimizer)  # skips the step when gradients overflowed
+            scaler.step(self.optimizer)  # gradients are finite here, so the scaler steps
             scaler.update()
         else:
             self.optimizer.step()
@@ -583,7 +682,8 @@ class _Trainer:
         result.update({f"eval_{k}": v for k, v in metric_sums.results(values[2 * n :], counts).items()})
         return result
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int) -> Path:
+        path = ckpt.checkpoint_dir(self.info.run_dir) / f"step-{step:08d}"
         if self.d.is_main:
             path = ckpt.save_checkpoint(
                 self.info.run_dir,
@@ -593,11 +693,35 @@ class _Trainer:
                 self.scheduler,
                 self.precision.scaler,
                 keep=self.spec.keep_checkpoints,
-                trainer_state={"tokens_seen": self.tokens_seen},
+                trainer_state={
+                    "tokens_seen": self.tokens_seen,
+                    "skipped_steps": self.skips.total,
+                    "skipped_in_a_row": self.skips.in_a_row,
+                },
             )
             self.plugins.on_checkpoint_saved(self.info, step, path)
         self.d.barrier()
+        return path
+
+    def save_model(self) -> None:
+        """The final model in Hugging Face format, written whole or not at all, never with non-finite weights."""
+        final = self.info.run_dir / "model"
+        tmp = self.info.run_dir / ".tmp-model"
+        ckpt.require_finite(unwrap(self.policy), f"the final model to {final}")
+        record_written(self.info.run_dir, also=[tmp.name])  # a crash mid-write leaves only the run's own files
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(self.policy, self.tokenizer, tmp)
+        if final.is_symlink() or final.is_file():
+            final.unlink()
+        elif final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
 
     def _write(self, record: dict[str, Any]) -> None:
         with self.metrics_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        # Files that lifecycle plugins write join the run manifest (only a listing when nothing is new).
+        names = {p.name for p in self.info.run_dir.iterdir()}
+        if not names <= self._listed:
+            record_written(self.info.run_dir)
+            self._listed = names

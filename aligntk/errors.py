@@ -6,6 +6,9 @@ from __future__ import annotations
 class AligntkError(Exception):
     """A mistake the user can fix (recipe, data, plugin, files). The CLI prints it in one line."""
 
+    #: The command line's exit status for this error.
+    exit_code: int = 1
+
 
 class RecipeError(AligntkError):
     """The recipe is malformed: the message names the key path and what was expected."""
@@ -25,3 +28,13 @@ class DuplicateComponentError(PluginError):
 
 class TrainingError(AligntkError):
     """Training cannot go on (a non-finite loss, for example); earlier checkpoints are kept."""
+
+
+class Interrupted(AligntkError):
+    """SIGTERM or SIGINT stopped the run after an optimizer step, with a checkpoint to resume from.
+
+    The exit status is 75 (``EX_TEMPFAIL``: try again later), so a job script can tell a
+    preempted run, to be resumed, from a failed one.
+    """
+
+    exit_code = 75

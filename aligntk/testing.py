@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from .plugins import hookimpl
 from .types import Batch, LossComponent, Models
 
 #: Characters the default test tokenizer knows: digits, arithmetic, lower-case letters.
@@ -220,6 +221,22 @@ def write_tiny_assets(folder: Path, rows: int = 64, seed: int = 0) -> dict[str, 
         "update": {"name": "full", "learning_rate": 3e-3, "warmup_steps": 0},
         "train": {"max_steps": 2, "batch_size": 4},
     }
+
+
+class InterruptAt:
+    """A lifecycle plugin that interrupts a run after step ``at``, as a killed job would.
+
+    Pass it to ``run_recipe(..., plugins={"crash": InterruptAt(5)})``, expect
+    ``KeyboardInterrupt``, then run again with ``resume=True`` to test exact resume.
+    """
+
+    def __init__(self, at: int):
+        self.at = at
+
+    @hookimpl
+    def aligntk_on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
 
 
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from aligntk import AligntkError, TrainingError, hookimpl
 from aligntk.engine import global_batch_indices
-from aligntk.testing import read_metrics, run_recipe
+from aligntk.testing import InterruptAt, read_metrics, run_recipe
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -56,24 +56,12 @@ def test_accumulation_equals_one_large_batch(tiny: dict[str, Any], tmp_path: Pat
     assert_same_weights(big.run_dir, small.run_dir, atol=2e-5)
 
 
-class Crash:
-    """A lifecycle plugin that interrupts the run after a given step, like a killed job."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    @hookimpl
-    def aligntk_on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
-        if step == self.at:
-            raise KeyboardInterrupt
-
-
 def test_resume_ends_with_the_same_weights(tiny: dict[str, Any], tmp_path: Path) -> None:
     common = ["train.max_steps=8", "train.save_every=3", "train.grad_accum=2", "update.warmup_steps=2"]
     full = run_recipe(tiny, [*common, f"output_dir={tmp_path / 'full'}"])
     broken = tmp_path / "broken"
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(tiny, [*common, f"output_dir={broken}"], plugins={"crash": Crash(at=5)})
+        run_recipe(tiny, [*common, f"output_dir={broken}"], plugins={"crash": InterruptAt(5)})
     assert [p.name for p in (broken / "checkpoints").iterdir()] == ["step-00000003"]
     resumed = run_recipe(tiny, [*common, f"output_dir={broken}"], resume=True)
     assert resumed.steps == 8
@@ -214,7 +202,7 @@ def test_resume_keeps_metrics_and_refuses_a_changed_recipe(tiny: dict[str, Any],
     common = ["train.max_steps=6", "train.save_every=2", f"output_dir={tmp_path / 'r'}"]
     full = run_recipe(tiny, [*common[:2], f"output_dir={tmp_path / 'full'}"])
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(tiny, common, plugins={"crash": Crash(at=3)})
+        run_recipe(tiny, common, plugins={"crash": InterruptAt(3)})
     with pytest.raises(AligntkError, match=r"recipe that differs from the run's \(update.learning_rate\)"):
         run_recipe(tiny, [*common, "update.learning_rate=0.1"], resume=True)
     resumed = run_recipe(tiny, common, resume=True)

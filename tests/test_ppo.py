@@ -185,7 +185,9 @@ def test_several_optimizer_steps_per_rollout_batch(tiny: dict[str, Any]) -> None
 
 
 def test_ppo_resume_ends_with_the_same_weights_and_value_head(tiny: dict[str, Any], tmp_path: Path) -> None:
-    from test_engine import Crash, assert_same_weights
+    from test_engine import assert_same_weights
+
+    from aligntk.testing import InterruptAt
 
     recipe = _ppo_recipe(tiny, iterations=2)
     common = ["train.max_steps=6", "train.batch_size=4", "train.save_every=2"]
@@ -193,7 +195,7 @@ def test_ppo_resume_ends_with_the_same_weights_and_value_head(tiny: dict[str, An
     full = run_recipe(recipe, [*common, f"output_dir={tmp_path / 'full'}"], plugins=plugins)
     broken = tmp_path / "broken"
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, [*common, f"output_dir={broken}"], plugins={**plugins, "crash": Crash(at=5)})
+        run_recipe(recipe, [*common, f"output_dir={broken}"], plugins={**plugins, "crash": InterruptAt(5)})
     resumed = run_recipe(recipe, [*common, f"output_dir={broken}"], plugins=plugins, resume=True)
     assert_same_weights(full.run_dir, resumed.run_dir)
     a = load_file(str(full.run_dir / "model" / "heads.safetensors"))
