@@ -134,6 +134,25 @@ def aligntk_register_commands(cli: Any) -> None:
     """
 
 
+#: ``register(OptionsModel)``: the callback ``aligntk_register_options`` receives.
+RegisterOptions = Callable[[type], None]
+
+
+@hookspec
+def aligntk_register_options(register: RegisterOptions) -> None:
+    """Register this plugin's recipe options: ``register(MyOptions)``, a pydantic model.
+
+    A plugin with lifecycle hooks has no component section in a recipe; its options live
+    under ``plugins: {<plugin name>: {...}}``, keyed by its entry-point name. The model
+    validates that mapping at ``aligntk validate`` time, with the same wording as every
+    other key (``plugins.diagnostics.windw: unknown key, did you mean 'window'?``); the
+    run hands the validated object to lifecycle hooks as ``run.plugin_options[name]``.
+    Call ``register`` at most once. Every plugin's section also takes ``enabled: false``,
+    which aligntk handles: that plugin's lifecycle hooks are not called in that run.
+    A plugin that registers nothing still takes ``enabled``, and no other key.
+    """
+
+
 # --------------------------------------------------------------------------------------
 # Lifecycle: called on every plugin that implements them, main process only
 # --------------------------------------------------------------------------------------
@@ -142,6 +161,8 @@ def aligntk_register_commands(cli: Any) -> None:
 @hookspec
 def aligntk_on_run_start(run: RunInfo) -> None:
     """Called once after models, data and optimizer are ready, before the first step.
+
+    Lifecycle hooks of a plugin whose recipe section says ``enabled: false`` are not called.
 
     ``run.start_step`` is non-zero when the run resumes from a checkpoint.
     """

@@ -7,6 +7,7 @@ left out; the rest keep working.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -22,6 +23,7 @@ from .registry import KINDS, Registry
 hookimpl = pluggy.HookimplMarker("aligntk")
 ENTRY_POINT_GROUP = "aligntk"
 SUITES_HOOK = "aligntk_register_suites"
+OPTIONS_HOOK = "aligntk_register_options"
 
 
 @dataclass
@@ -51,6 +53,18 @@ class Plugins:
     registry: Registry
     infos: list[PluginInfo] = field(default_factory=list)
     suites: dict[str, RegisteredSuite] = field(default_factory=dict)
+    #: Plugins whose lifecycle hooks this view does not call (``enabled: false`` in a recipe).
+    disabled: frozenset[str] = frozenset()
+
+    def without(self, names: set[str] | frozenset[str]) -> Plugins:
+        """The same plugins, with the lifecycle hooks of ``names`` left uncalled."""
+        return dataclasses.replace(self, disabled=frozenset(names))
+
+    def _hook(self, name: str) -> Any:
+        if not self.disabled:
+            return getattr(self.pm.hook, name)
+        off = [p for n in self.disabled if (p := self.pm.get_plugin(n)) is not None]
+        return self.pm.subset_hook_caller(name, remove_plugins=off)
 
     @property
     def broken(self) -> list[PluginInfo]:
@@ -62,7 +76,7 @@ class Plugins:
         if plugin is None:
             return []
         callers = self.pm.get_hookcallers(plugin) or []
-        registration = {*KINDS.values(), "aligntk_register_commands", SUITES_HOOK}
+        registration = {*KINDS.values(), "aligntk_register_commands", SUITES_HOOK, OPTIONS_HOOK}
         return sorted(c.name.removeprefix("aligntk_") for c in callers if c.name not in registration)
 
     def versions(self) -> dict[str, str]:
@@ -70,20 +84,20 @@ class Plugins:
 
     # Typed wrappers around the untyped pm.hook calls.
     def on_run_start(self, run: Any) -> None:
-        self.pm.hook.aligntk_on_run_start(run=run)
+        self._hook("aligntk_on_run_start")(run=run)
 
     def on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> str | None:
-        reasons = [r for r in self.pm.hook.aligntk_on_step_end(run=run, step=step, metrics=metrics) if r]
+        reasons = [r for r in self._hook("aligntk_on_step_end")(run=run, step=step, metrics=metrics) if r]
         return "; ".join(reasons) or None
 
     def on_eval_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
-        self.pm.hook.aligntk_on_eval_end(run=run, step=step, metrics=metrics)
+        self._hook("aligntk_on_eval_end")(run=run, step=step, metrics=metrics)
 
     def on_checkpoint_saved(self, run: Any, step: int, path: Any) -> None:
-        self.pm.hook.aligntk_on_checkpoint_saved(run=run, step=step, path=path)
+        self._hook("aligntk_on_checkpoint_saved")(run=run, step=step, path=path)
 
     def on_run_end(self, run: Any, metrics: dict[str, Any], error: BaseException | None) -> None:
-        self.pm.hook.aligntk_on_run_end(run=run, metrics=metrics, error=error)
+        self._hook("aligntk_on_run_end")(run=run, metrics=metrics, error=error)
 
 
 def _error_line(exc: BaseException) -> str:
@@ -134,6 +148,7 @@ def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
     suites: dict[str, RegisteredSuite] = {}
     adders = {hook: functools.partial(_register, registry, kind) for kind, hook in KINDS.items()}
     adders[SUITES_HOOK] = functools.partial(_register_suite, suites)
+    adders[OPTIONS_HOOK] = functools.partial(_register_options, registry)
     failed: set[str] = set()
     for hook_name, add in adders.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
@@ -155,12 +170,28 @@ def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
             del registry.components[reg.kind][reg.name]
         for suite in [s for s in suites.values() if s.plugin == name]:
             del suites[suite.name]
+        registry.plugin_options.pop(name, None)
         pm.unregister(loaded.pop(name))
+    for name in loaded:
+        registry.plugin_options.setdefault(name, None)
     return Plugins(pm, registry, infos, suites)
 
 
 def _register(registry: Registry, kind: str, plugin: str, name: str, cls: type) -> None:
     registry.add(kind, name, cls, plugin)
+
+
+def _register_options(registry: Registry, plugin: str, cls: type) -> None:
+    """A lifecycle plugin's options model, for its ``plugins: {<plugin>: ...}`` recipe section."""
+    from pydantic import BaseModel
+
+    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        raise PluginError(f"plugin {plugin!r}: aligntk_register_options takes a pydantic model class, got {cls!r}")
+    if "enabled" in cls.model_fields:
+        raise PluginError(f"plugin {plugin!r}: its options model declares 'enabled', which aligntk handles itself")
+    if registry.plugin_options.get(plugin) is not None:
+        raise PluginError(f"plugin {plugin!r} registered its options twice")
+    registry.plugin_options[plugin] = cls
 
 
 def _register_suite(suites: dict[str, RegisteredSuite], plugin: str, name: str, path: str | Path) -> None:

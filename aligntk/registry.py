@@ -35,6 +35,8 @@ class Registry:
     """Components by kind and name. A name registered twice is an error naming both plugins."""
 
     components: dict[str, dict[str, Registered]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    #: Every plugin that loaded cleanly, and the options model it registered (None: none).
+    plugin_options: dict[str, type | None] = field(default_factory=dict)
 
     def add(self, kind: str, name: str, cls: type, plugin: str) -> None:
         if not isinstance(name, str) or not name:

@@ -15,7 +15,8 @@ import pytest
 import torch
 from aligntk_sft.loss import SFTLoss
 
-from aligntk import AligntkError, LossOutput, Models, TrainingError, hookimpl
+from aligntk import AligntkError, LossOutput, Models, TrainingError, hookimpl, load_plugins
+from aligntk.recipe import validate_recipe
 from aligntk.hookspecs import Register
 from aligntk.testing import char_tokenizer, read_metrics, run_recipe, tiny_model, write_tiny_assets
 
@@ -165,8 +166,13 @@ def test_diagnostics_can_be_turned_off(tmp_path: Path) -> None:
 
 
 def test_bad_options_are_named(tiny: dict[str, Any]) -> None:
-    with pytest.raises(AligntkError, match=r"plugins.diagnostics.windw: Extra inputs"):
-        _run(tiny, [], {"windw": 3})
+    # Checked with the recipe, before any model loads, in the wording of every other key.
+    with pytest.raises(AligntkError, match=r"plugins.diagnostics.windw: unknown key, did you mean 'window'\?"):
+        validate_recipe({**tiny, "plugins": {"diagnostics": {"windw": 3}}}, load_plugins().registry)
+    with pytest.raises(AligntkError, match=r"plugins.diagnostics.window: Input should be greater than or equal to 2"):
+        validate_recipe({**tiny, "plugins": {"diagnostics": {"window": 1}}}, load_plugins().registry)
+    with pytest.raises(AligntkError, match=r"plugins.diagnostcs: no installed plugin is named 'diagnostcs', did you mean"):
+        validate_recipe({**tiny, "plugins": {"diagnostcs": {}}}, load_plugins().registry)
 
 
 # -- rules on hand-written numbers -------------------------------------------------

@@ -3,7 +3,8 @@
 A lifecycle plugin. It keeps a window of the logged step metrics (``loss``, ``lr``,
 ``grad_norm``) and applies the rules in ``rules``; each finding is printed once as a
 warning and appended to ``diagnostics.jsonl`` in the run folder. Options come from the
-recipe's ``plugins: {diagnostics: {...}}`` (``enabled: false`` turns it off). It also
+recipe's ``plugins: {diagnostics: {...}}``, validated with the recipe (``enabled: false``
+turns it off, as for any lifecycle plugin). It also
 registers two evaluators: ``perplexity`` on general text and parameter ``drift``.
 
 Register the module itself as the plugin (entry point ``diagnostics = "aligntk_diagnostics"``).
@@ -15,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from aligntk import RunInfo, hookimpl
-from aligntk.hookspecs import Register
+from aligntk.hookspecs import Register, RegisterOptions
 
 from .forgetting import GeneralPerplexity, ParameterDrift
 from .rules import DiagnosticsConfig, Finding
-from .watcher import FILE, Watcher, read_config
+from .watcher import FILE, SECTION, Watcher
 
 __all__ = ["FILE", "DiagnosticsConfig", "Finding", "GeneralPerplexity", "ParameterDrift", "Watcher"]
 
@@ -34,10 +35,13 @@ def aligntk_register_evaluators(register: Register) -> None:
 
 
 @hookimpl
+def aligntk_register_options(register: RegisterOptions) -> None:
+    register(DiagnosticsConfig)
+
+
+@hookimpl
 def aligntk_on_run_start(run: RunInfo) -> None:
-    config = read_config(run.recipe)
-    if not config.enabled:
-        return
+    config = run.plugin_options.get(SECTION) or DiagnosticsConfig()
     watcher = Watcher(run, config)
     _watchers[Path(run.run_dir)] = watcher
     watcher.start()

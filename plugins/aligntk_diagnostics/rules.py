@@ -27,10 +27,10 @@ Kind = Literal[
 
 
 class DiagnosticsConfig(ComponentConfig):
-    """Options, read from the recipe's ``plugins: {diagnostics: {...}}``.
+    """Options, read from the recipe's ``plugins: {diagnostics: {...}}`` (``enabled: false``,
+    which aligntk handles for every plugin, turns the diagnostics off).
 
     Attributes:
-        enabled: ``false`` turns every rule off.
         window: logged steps the loss rule looks back over.
         tiny_lr: a learning rate at or below this counts as "tiny".
         flat_tolerance: the loss counts as flat when the mean of the window's second
@@ -44,7 +44,6 @@ class DiagnosticsConfig(ComponentConfig):
             written as usual at the end).
     """
 
-    enabled: bool = True
     window: PositiveInt = Field(10, ge=2)
     tiny_lr: NonNegativeFloat = 1e-8
     flat_tolerance: NonNegativeFloat = 0.01

@@ -8,9 +8,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from aligntk import AligntkError, RunInfo, TrainingError
+from aligntk import RunInfo, TrainingError
 
 from . import rules
 from .rules import DiagnosticsConfig, Finding
@@ -20,17 +18,6 @@ log = logging.getLogger("aligntk")
 #: The recipe key this plugin reads: ``plugins: {diagnostics: {...}}``.
 SECTION = "diagnostics"
 FILE = "diagnostics.jsonl"
-
-
-def read_config(recipe: dict[str, Any]) -> DiagnosticsConfig:
-    raw = (recipe.get("plugins") or {}).get(SECTION) or {}
-    try:
-        return DiagnosticsConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"plugins.{SECTION}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-        )
-        raise AligntkError(problems) from None
 
 
 class Watcher:
