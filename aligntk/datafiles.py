@@ -4,15 +4,20 @@ Every data component reads its files through :func:`read_rows`, so a bad row is 
 reported the same way: ``data/train.jsonl:17: ...`` (a line) or ``data/train.parquet: row 5:
 ...`` (a row, for formats without lines). Rows are plain dicts; checking their shape is the
 component's job.
+
+:func:`load_splits` also counts each file's unknown tokens (:func:`check_unknown_tokens`), so
+text the tokenizer cannot encode is reported, and refused with ``max_unk_fraction``, the same
+way for every file-based component.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,8 @@ from pydantic import Field, model_validator
 from .errors import DataError
 from .recipe import LocalFile
 from .types import ComponentConfig, DataReport, DataSplits, Example
+
+log = logging.getLogger("aligntk")
 
 #: File extensions :func:`read_rows` understands.
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -177,11 +184,14 @@ class FileDataConfig(ComponentConfig):
         eval_path: an evaluation file in the same formats.
         eval_fraction: without ``eval_path``, the share of training rows held out for
             evaluation (a shuffle seeded with the run's seed picks them).
+        max_unk_fraction: refuse a file whose share of unknown tokens (characters the
+            tokenizer cannot encode) is above this; ``None`` only warns, above 1%.
     """
 
     path: LocalFile
     eval_path: LocalFile | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    max_unk_fraction: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> FileDataConfig:
@@ -197,21 +207,91 @@ def require_pad_token(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id)
 
 
-def load_splits(config: FileDataConfig, seed: int, read: Callable[[Path, DataReport], list[Example]]) -> DataSplits:
+def load_splits(
+    config: FileDataConfig, seed: int, read: Callable[[Path, DataReport], list[Example]], *, tokenizer: Any
+) -> DataSplits:
     """Read the training file and the evaluation file (or hold out ``eval_fraction``).
 
     ``read(path, report)`` turns one file into examples and records skipped rows in ``report``.
+    Each file's unknown tokens are counted (:func:`check_unknown_tokens`) before any hold-out.
+
+    Args:
+        config: the component's options.
+        seed: the run's seed (for the ``eval_fraction`` shuffle).
+        read: one file to examples.
+        tokenizer: the tokenizer ``read`` uses; its ``unk_token_id`` is what is counted.
+
+    Raises:
+        DataError: from ``read``; too few rows to hold out; or a file with more unknown
+            tokens than ``max_unk_fraction``.
     """
     report = DataReport()
     train = read(config.path, report)
+    check_unknown_tokens(config.path, train, tokenizer, report, config.max_unk_fraction)
     if config.eval_path is not None:
         eval_ = read(config.eval_path, report)
+        check_unknown_tokens(config.eval_path, eval_, tokenizer, report, config.max_unk_fraction)
     elif config.eval_fraction > 0:
         train, eval_ = hold_out(train, config.eval_fraction, seed, config.path)
     else:
         eval_ = []
     report.rows = {"train": len(train), "eval": len(eval_)}
     return DataSplits(train=train, eval=eval_, report=report)
+
+
+#: Above this share of unknown tokens a file is reported with a warning.
+UNK_WARN_FRACTION = 0.01
+
+
+def check_unknown_tokens(
+    path: Path, examples: Sequence[Example], tokenizer: Any, report: DataReport, max_fraction: float | None = None
+) -> None:
+    """Count one file's unknown tokens into ``report.unknown_tokens``; warn or refuse if too many.
+
+    A character the tokenizer cannot encode becomes its unknown token, which the model
+    then learns to predict for everything it cannot read. The tokens counted are those of
+    every example field whose name ends in ``input_ids`` (``input_ids``,
+    ``chosen_input_ids``, ``rejected_input_ids`` ...), after truncation: what training
+    sees. A tokenizer without an unknown token (byte-level BPE) counts nothing.
+
+    Args:
+        path: the file the examples came from (the key in the report).
+        examples: that file's examples.
+        tokenizer: the tokenizer that encoded them.
+        report: where the count goes.
+        max_fraction: refuse above this share; ``None`` only warns (above 1%).
+
+    Raises:
+        DataError: the share is above ``max_fraction``; names the file and ``data.max_unk_fraction``.
+    """
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    key = str(path)
+    if unk_id is None or key in report.unknown_tokens:  # an eval_path equal to path is counted once
+        return
+    unknown = tokens = 0
+    for example in examples:
+        for name, ids in example.items():
+            if name.endswith("input_ids"):
+                ids = ids if isinstance(ids, list) else list(ids)
+                unknown += ids.count(unk_id)
+                tokens += len(ids)
+    report.unknown_tokens[key] = {"unknown": unknown, "tokens": tokens}
+    fraction = unknown / tokens if tokens else 0.0
+    if max_fraction is not None and fraction > max_fraction:
+        raise DataError(
+            f"{path}: {fraction:.1%} of tokens are unknown ({tokenizer.unk_token!r}), above data.max_unk_fraction "
+            f"{max_fraction:g}; the tokenizer cannot encode this data (use a tokenizer that covers its characters)"
+        )
+    if fraction > UNK_WARN_FRACTION:
+        log.warning(
+            "data: %s: %.1f%% of tokens are the unknown token %r (%d of %d); "
+            "the tokenizer cannot encode some characters",
+            path,
+            100 * fraction,
+            tokenizer.unk_token,
+            unknown,
+            tokens,
+        )
 
 
 def keep_fitting(path: Path, fitted: list[Example | None], skipped: DataReport, report: DataReport) -> list[Example]:

@@ -36,7 +36,8 @@ SIDES = ("chosen", "rejected")
 
 
 class PreferenceDataConfig(FileDataConfig):
-    """Options of the ``preference`` data component (with ``path``, ``eval_path``, ``eval_fraction``).
+    """Options of the ``preference`` data component (with ``path``, ``eval_path``, ``eval_fraction``,
+    ``max_unk_fraction``).
 
     Attributes:
         max_length: the most tokens in one sequence (prompt plus one completion).
@@ -94,10 +95,13 @@ class PreferenceData:
 
         Raises:
             DataError: a file or row is bad (the message names the file and line), the
-                tokenizer has no pad token, or a file yields no usable pair.
+                tokenizer has no pad token, a file yields no usable pair, or a file has
+                more unknown tokens than ``max_unk_fraction``.
         """
         self.pad_token_id = require_pad_token(ctx.tokenizer)
-        return load_splits(self.config, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer, report))
+        return load_splits(
+            self.config, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer, report), tokenizer=ctx.tokenizer
+        )
 
     def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
         encoded = [self._encode(where, row, tokenizer) for where, row in read_rows(path)]

@@ -24,7 +24,8 @@ Truncation = Literal["right", "left", "drop", "error"]
 
 
 class SFTDataConfig(FileDataConfig):
-    """Options of the ``sft`` data component (with ``path``, ``eval_path``, ``eval_fraction``).
+    """Options of the ``sft`` data component (with ``path``, ``eval_path``, ``eval_fraction``,
+    ``max_unk_fraction``).
 
     Attributes:
         max_length: the most tokens in one sequence.
@@ -106,10 +107,13 @@ class SFTData:
 
         Raises:
             DataError: a file or row is bad (the message names the file and line), the
-                tokenizer has no pad token, or a file yields no usable example.
+                tokenizer has no pad token, a file yields no usable example, or a file has
+                more unknown tokens than ``max_unk_fraction``.
         """
         self.pad_token_id = require_pad_token(ctx.tokenizer)
-        return load_splits(self.config, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer, report))
+        return load_splits(
+            self.config, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer, report), tokenizer=ctx.tokenizer
+        )
 
     def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
         rows = [self._parse(where, row) for where, row in read_rows(path)]
