@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import inspect
+import json
+import pickle
+import re
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -16,33 +23,201 @@ from transformers import (
 )
 
 from .errors import AligntkError
+from .precision import resolve_device
 from .recipe import ModelSpec
+
+if TYPE_CHECKING:
+    from .recipe import ResolvedRecipe
 
 _AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _source(name: str, base_dir: Path) -> str:
-    """A local folder (relative to the recipe) when one exists, else the name as a hub id."""
+def _source(name: str, base_dir: Path, key: str) -> str:
+    """A local folder (relative to the recipe) when one exists, else the name as a hub id.
+
+    A name that can only be a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``) must exist;
+    ``key`` is the recipe key that named it, for the error.
+    """
     local = Path(name).expanduser()
     if not local.is_absolute():
         local = base_dir / local
     if local.exists():
         return str(local)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise AligntkError(f"{name}: no such model or tokenizer folder (looked in {local})")
+        raise AligntkError(f"{key}: {name}: no such model or tokenizer folder (looked in {local})")
     return name
+
+
+def check_resources(resolved: ResolvedRecipe) -> None:
+    """What ``aligntk validate`` can check without loading anything.
+
+    Every model and tokenizer folder the recipe names by a local path exists, and
+    ``train.device`` is there. Hub ids are not looked up (that would need the network).
+    """
+    source = resolved.source
+    base_dir = source.resolve().parent if source is not None else Path.cwd()
+    recipe = resolved.recipe
+    try:
+        for key, spec in [("model", recipe.model), *((f"models.{role}", s) for role, s in recipe.models.items())]:
+            for field in ("path", "tokenizer"):
+                name = getattr(spec, field)
+                if name is not None:
+                    _source(name, base_dir, f"{key}.{field}")
+        resolve_device(recipe.train.device)
+    except AligntkError as exc:
+        raise AligntkError(f"{source}: {exc}" if source is not None else str(exc)) from None
+
+
+#: Keys every transformers config reads from its ``**kwargs`` (older names, runtime switches).
+_CONFIG_KWARGS = frozenset(
+    {
+        "model_type",
+        "torch_dtype",
+        "num_labels",
+        "name_or_path",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "per_layer_config",
+        "rope_scaling",
+        "rope_theta",
+        "partial_rotary_factor",
+    }
+)
+
+
+def _config_keys(cls: type) -> set[str]:
+    """The keys a transformers config class takes: fields, init arguments, aliases, settable properties."""
+    from transformers import PretrainedConfig
+
+    keys = set(_CONFIG_KWARGS)
+    for klass in (cls, PretrainedConfig):
+        params = inspect.signature(klass.__init__).parameters.values()
+        keys |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if dataclasses.is_dataclass(klass):
+            keys |= {f.name for f in dataclasses.fields(klass)}
+        keys |= set(getattr(klass, "attribute_map", {}))
+    for klass in cls.__mro__:
+        keys |= {n for n, v in vars(klass).items() if isinstance(v, property) and v.fset is not None}
+    try:
+        keys |= set(vars(cls()))  # attributes a default instance sets
+    except Exception:  # a config without defaults: the names above are enough
+        pass
+    return {k for k in keys if not k.startswith("_")} - {"self"}
+
+
+def config_problem(options: dict[str, Any]) -> tuple[str | None, str] | None:
+    """What is wrong with a recipe's ``model.config``, by transformers' config class (no model code runs).
+
+    Checks the ``model_type``, every key against the config class's, then builds the config
+    object (token ids left to the tokenizer) so its own checks run, such as ``hidden_size``
+    being a multiple of ``num_attention_heads``.
+
+    Returns:
+        ``(key inside the config, or None for the whole config, message)``; None when it is fine.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING
+    from transformers.utils import logging as hf_logging
+
+    model_type = options.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
+        hint = f", did you mean {close[0]!r}?" if close else " (a transformers model type such as llama or gpt2)"
+        return "model_type", f"unknown model type {model_type!r}{hint}"
+    cls = CONFIG_MAPPING[model_type]
+    allowed = _config_keys(cls)
+    for name in options:
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), sorted(allowed), n=1)
+            hint = f", did you mean {close[0]!r}?" if close else f" (see transformers' {cls.__name__})"
+            return str(name), f"unknown key for a {model_type} config{hint}"
+    values = {k: v for k, v in options.items() if k != "model_type"}
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        values.setdefault(name, None)  # the tokenizer's, filled in when the model is built
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings come again when the model is built
+    try:
+        cls(**values)
+    except (StrictDataclassError, ValueError, TypeError) as exc:
+        field = re.match(r"Validation error for field '(\w+)'", str(exc))
+        return (field.group(1) if field else None), f"not a valid {model_type} config: {_one_line(exc)}"
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Errors in one line
+# --------------------------------------------------------------------------------------
+
+_JSON_FILES = {
+    "model": ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"),
+    "tokenizer": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, without torch's advice to unpickle untrusted files."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    if isinstance(exc, StrictDataclassError):  # "Validation error for ...:" then "ValueError: why"
+        return re.sub(r"^\w+Error: ", "", lines[-1])
+    if "weights_only" in str(exc):
+        return "not a plain tensor checkpoint (corrupt, or it holds Python objects); aligntk loads weights only"
+    return lines[0]
+
+
+def _broken_file(folder: Path, kind: str) -> str | None:
+    """The first file of a model (``kind="model"``) or tokenizer folder that cannot be read, and why."""
+    if not folder.is_dir():
+        return None
+    for name in _JSON_FILES[kind]:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except UnicodeDecodeError as exc:
+                return f"{path}: not UTF-8 text (byte offset {exc.start})"
+            except json.JSONDecodeError as exc:
+                return f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}"
+    if kind == "tokenizer" and (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # the Rust side raises a bare Exception
+            return f"{folder / 'tokenizer.json'}: not a tokenizer file: {_one_line(exc)}"
+    if kind == "model":
+        from safetensors import safe_open
+
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except Exception as exc:  # SafetensorError is no OSError
+                return f"{path}: corrupt or truncated safetensors file: {_one_line(exc)}"
+        for path in sorted(folder.glob("*.bin")):
+            if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+                return f"{path}: corrupt or truncated PyTorch checkpoint"
+    return None
 
 
 def load_tokenizer(spec: ModelSpec, base_dir: Path, key: str = "model") -> PreTrainedTokenizerBase:
     """The tokenizer named by ``spec.tokenizer`` (or ``spec.path``), with a pad token."""
     name = spec.tokenizer or spec.path
     assert name is not None  # the recipe validator guarantees one of them
-    source = _source(name, base_dir)
+    source = _source(name, base_dir, f"{key}.tokenizer" if spec.tokenizer else f"{key}.path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise AligntkError(f"{key}.tokenizer: cannot load a tokenizer from {source}: {exc}".splitlines()[0]) from None
+    except Exception as exc:  # a broken file surfaces as JSONDecodeError, KeyError, a bare Exception ...
+        broken = _broken_file(Path(source), "tokenizer")
+        if broken is None and not isinstance(exc, (OSError, ValueError)):
+            raise  # not a file problem: keep the traceback
+        why = broken or _one_line(exc)
+        raise AligntkError(f"{key}.tokenizer: cannot load a tokenizer from {source}: {why}") from None
     if spec.pad_token is not None:
         tokenizer.pad_token = spec.pad_token
     if tokenizer.pad_token_id is None:
@@ -61,6 +236,7 @@ def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, base_dir: P
         kwargs["num_labels"] = spec.num_labels
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
+    source = _source(spec.path, base_dir, f"{key}.path") if spec.path is not None else None
     try:
         if spec.config is not None:
             options = dict(spec.config)
@@ -72,11 +248,21 @@ def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, base_dir: P
             config = AutoConfig.for_model(**options)
             model = auto.from_config(config, **kwargs)
         else:
-            assert spec.path is not None
-            model = auto.from_pretrained(_source(spec.path, base_dir), dtype=_DTYPES[spec.dtype], **kwargs)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        where = f"{key}.config" if spec.config is not None else f"{key}.path"
-        raise AligntkError(f"{where}: cannot build the model: {exc}".splitlines()[0]) from None
+            assert source is not None
+            model = auto.from_pretrained(source, dtype=_DTYPES[spec.dtype], **kwargs)
+    except Exception as exc:  # a corrupt file: SafetensorError, UnpicklingError ...; a bad config: StrictDataclassError
+        from huggingface_hub.errors import StrictDataclassError
+        from safetensors import SafetensorError
+
+        broken = _broken_file(Path(source), "model") if source is not None else None
+        if broken is None and source is not None and isinstance(exc, pickle.UnpicklingError):
+            bins = sorted(Path(source).glob("*.bin"))  # a zip that unpickles to more than tensors
+            broken = f"{bins[0] if bins else source}: {_one_line(exc)}"
+        known = (OSError, ValueError, TypeError, KeyError, StrictDataclassError, SafetensorError)
+        if broken is None and not isinstance(exc, (*known, pickle.UnpicklingError)):
+            raise  # not a recipe or file problem: keep the traceback
+        where = f"{key}.config" if source is None else f"{key}.path"
+        raise AligntkError(f"{where}: cannot build the model: {broken or _one_line(exc)}") from None
     model.to(_DTYPES[spec.dtype])
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

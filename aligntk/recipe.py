@@ -8,6 +8,7 @@ Recipes are read with ``yaml.safe_load`` and never name import paths or run code
 
 from __future__ import annotations
 
+import copy
 import difflib
 import types
 import typing
@@ -30,7 +31,7 @@ from pydantic import (
 
 from .errors import RecipeError
 from .registry import Registry
-from .types import ComponentConfig
+from .types import ComponentConfig, reject_bool_for_number
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -54,7 +55,11 @@ LocalFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_
 
 
 class StrictModel(BaseModel):
+    """Unknown keys are errors, and so is a bool where a number is wanted (``max_steps: true``)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    _no_bool_for_numbers = field_validator("*", mode="before")(reject_bool_for_number)
 
 
 class ComponentSpec(BaseModel):
@@ -62,6 +67,8 @@ class ComponentSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
+
+    _no_bool_for_numbers = field_validator("*", mode="before")(reject_bool_for_number)
 
 
 class WeightedComponentSpec(ComponentSpec):
@@ -109,6 +116,12 @@ class TrainSpec(StrictModel):
     save_every: PositiveInt | None = None
     keep_checkpoints: PositiveInt = 2
     log_every: PositiveInt = 1
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss or gradient: stop before applying it, or drop that update and go on"
+    )
+    max_skipped_steps: PositiveInt = Field(
+        5, description="stop after this many dropped updates in a row (skip, or fp16 gradient-scaler overflows)"
+    )
 
 
 class Recipe(StrictModel):
@@ -126,7 +139,7 @@ class Recipe(StrictModel):
     train: TrainSpec
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="options of lifecycle plugins, by plugin name; each plugin validates its own at run start",
+        description="options of lifecycle plugins, by plugin name, validated with the options each registers",
     )
 
     @field_validator("loss", mode="before")
@@ -169,6 +182,10 @@ class ResolvedRecipe:
     evaluators: list[Component]
     rewards: list[Component] = field(default_factory=list)
     source: Path | None = None
+    #: Validated options of every lifecycle plugin that registered an options model, by plugin name.
+    plugin_options: dict[str, Any] = field(default_factory=dict)
+    #: Plugins whose recipe section says ``enabled: false``: their lifecycle hooks are not called.
+    disabled_plugins: frozenset[str] = frozenset()
 
     @property
     def train(self) -> TrainSpec:
@@ -197,13 +214,116 @@ class ResolvedRecipe:
 # --------------------------------------------------------------------------------------
 
 
-def read_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
-    """Read a YAML recipe with ``yaml.safe_load`` and apply dotted ``key.path=value`` overrides."""
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping: its dotted path, where, and where it was first."""
+
+    def __init__(self, key: str, mark: yaml.Mark, first: yaml.Mark):
+        super().__init__(f"{key}: duplicate key")
+        self.key, self.mark, self.first = key, mark, first
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (the same tags, nothing runs) that refuses a key given twice in a mapping.
+
+    Plain YAML keeps the last of two equal keys, so a second ``train:`` section would
+    silently replace the first. Keys merged in with ``<<`` may still be overridden.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_duplicates(node, (), set())
+        return super().construct_document(node)
+
+
+def _check_duplicates(node: yaml.Node, where: tuple[str, ...], seen: set[int]) -> None:
+    """Raise ``_DuplicateKey`` for the first key given twice in a mapping under ``node``."""
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in first:
+                    raise _DuplicateKey(".".join((*where, name)), key.start_mark, first[key.tag, key.value].start_mark)
+                first[key.tag, key.value] = key
+            _check_duplicates(value, (*where, name), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, (*where, str(i)), seen)
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys."""
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _line_of(source: Path | None, keys: typing.Sequence[str], value: Any) -> int | None:
+    """The line of a key path in the recipe file, when the file gives it ``value`` (not an override)."""
+    if source is None:
+        return None
+    try:
+        text = source.read_text(encoding="utf-8")
+        node: Any = yaml.compose(text, Loader=yaml.SafeLoader)
+        data: Any = _load_yaml(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    for key in keys:
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, list) and key.isdigit() and int(key) < len(data):
+            data = data[int(key)]
+        else:
+            return None
+    if data != value:
+        return None
+    line = None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key]
+            if not found:
+                return None
+            line, node = found[-1][0].start_mark.line + 1, found[-1][1]
+        elif isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+            node = node.value[int(key)]
+            line = node.start_mark.line + 1
+        else:
+            return None
+    return line
+
+
+def read_recipe(
+    path: str | Path, overrides: typing.Sequence[str] = (), defaults: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Read a YAML recipe (``yaml.safe_load``, duplicate keys refused) and apply ``key.path=value`` overrides.
+
+    An override that creates a section starts from that section's default in ``defaults``
+    (``Recipe`` unless given): ``update.learning_rate=1e-4`` on a recipe without an
+    ``update`` section gives ``{name: full, learning_rate: 1e-4}``.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset {exc.start}); "
+            "save the recipe as UTF-8"
+        ) from None
+    try:
+        raw = _load_yaml(text)
+    except _DuplicateKey as exc:
+        raise RecipeError(
+            f"{path}:{exc.mark.line + 1}:{exc.mark.column + 1}: {exc.key}: duplicate key "
+            f"(first on line {exc.first.line + 1}); give each key once"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -214,17 +334,23 @@ def read_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> dict[
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
     for override in overrides:
-        apply_override(raw, override)
+        apply_override(raw, override, defaults)
     return raw
 
 
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set ``a.b.c=value`` in ``raw``; the value is parsed as YAML (``3`` is an int, ``[1, 2]`` a list)."""
+def apply_override(raw: dict[str, Any], override: str, defaults: type[BaseModel] | None = None) -> None:
+    """Set ``a.b.c=value`` in ``raw``; the value is parsed as YAML (``3`` is an int, ``[1, 2]`` a list).
+
+    A section the override creates starts from its default in ``defaults`` (``Recipe``
+    unless given) when it has one, so ``update.learning_rate=1e-4`` keeps ``name: full``.
+    """
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"override {override!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(text)
+        value = _load_yaml(text)
+    except _DuplicateKey as exc:
+        raise RecipeError(f"override {override!r}: the value gives the key {exc.key!r} twice") from None
     except yaml.YAMLError:
         raise RecipeError(f"override {override!r}: the value is not valid YAML") from None
     parts = key.strip().split(".")
@@ -232,10 +358,29 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     for i, part in enumerate(parts[:-1]):
         nxt = _child(node, part, ".".join(parts[: i + 1]))
         if nxt is None:
-            nxt = {}
+            nxt = _default_section(defaults or Recipe, parts[: i + 1])
             _set(node, part, nxt, key)
         node = nxt
     _set(node, parts[-1], value, key)
+
+
+def _default_section(root: type[BaseModel], parts: typing.Sequence[str]) -> dict[str, Any]:
+    """The default of the section at ``parts`` in ``root`` as a dict (``{name: full}`` for ``update``), else ``{}``."""
+    cls: Any = root
+    container = False
+    default: Any = None
+    for part in parts:
+        if container:  # a list index or a dict key: the item has no default of its own
+            container, default = False, None
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return {}
+        info = cls.model_fields[part]
+        default = info.get_default(call_default_factory=True)
+        cls, container = _inner_model(info.annotation)
+    if isinstance(default, BaseModel):
+        return default.model_dump(mode="json", exclude_unset=True)
+    return copy.deepcopy(default) if isinstance(default, dict) else {}
 
 
 def _child(node: Any, part: str, where: str) -> Any:
@@ -274,6 +419,7 @@ def validate_recipe(raw: dict[str, Any], registry: Registry, source: str | Path 
         recipe = Recipe.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise RecipeError(prefix + format_errors(exc, Recipe, (), single_loss)) from None
+    _check_model_configs(recipe, source, prefix)
 
     def component(kind: str, spec: ComponentSpec, key: str) -> Component:
         reg = registry.get(kind, spec.name, f"{prefix}{key}.name")
@@ -299,7 +445,63 @@ def validate_recipe(raw: dict[str, Any], registry: Registry, source: str | Path 
         source=source,
     )
     _check_compatible(resolved, prefix)
+    resolved.plugin_options, resolved.disabled_plugins = _plugin_sections(recipe.plugins, registry, prefix, base_dir)
     return resolved
+
+
+def _plugin_sections(
+    sections: dict[str, dict[str, Any]], registry: Registry, prefix: str, base_dir: Path
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """Validate ``plugins: {name: {...}}``: each name an installed plugin, each mapping its options.
+
+    Every plugin that registered an options model gets its options (defaults when the
+    recipe has no section for it); ``enabled: false`` is aligntk's own key in every section.
+    """
+    known = registry.plugin_options
+    options: dict[str, Any] = {}
+    disabled: set[str] = set()
+    given: dict[str, dict[str, Any]] = {}  # each section without 'enabled'
+    for name, raw in sections.items():
+        key = f"{prefix}plugins.{name}"
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f", did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(
+                f"{key}: no installed plugin is named {name!r}{hint} (installed: {', '.join(sorted(known)) or 'none'})"
+            )
+        raw = dict(raw)
+        enabled = raw.pop("enabled", True)
+        if not isinstance(enabled, bool):
+            raise RecipeError(f"{key}.enabled: expected true or false, got {enabled!r}")
+        if not enabled:
+            disabled.add(name)
+        if known[name] is None and raw:
+            raise RecipeError(f"{key}.{next(iter(raw))}: unknown key (plugin {name!r} takes no options but 'enabled')")
+        given[name] = raw
+    for name, model in known.items():
+        if model is None:
+            continue
+        try:
+            options[name] = model.model_validate(given.get(name, {}), context={"base_dir": base_dir, "registry": registry})
+        except ValidationError as exc:
+            raise RecipeError(prefix + format_errors(exc, model, ("plugins", name))) from None
+    return options, frozenset(disabled)
+
+
+def _check_model_configs(recipe: Recipe, source: Path | None, prefix: str) -> None:
+    """Each ``config`` section against transformers' config class for its ``model_type`` (no model loads)."""
+    from .models import config_problem
+
+    for key, spec in [("model", recipe.model), *((f"models.{role}", s) for role, s in recipe.models.items())]:
+        if spec.config is None:
+            continue
+        problem = config_problem(spec.config)
+        if problem is not None:
+            inner, message = problem
+            keys = (*key.split("."), "config", *([inner] if inner else []))
+            line = _line_of(source, keys, spec.config.get(inner) if inner else spec.config)
+            where = f"{source}:{line}: " if line is not None else prefix
+            raise RecipeError(f"{where}{'.'.join(keys)}: {message}")
 
 
 def _check_compatible(resolved: ResolvedRecipe, prefix: str) -> None:

@@ -7,13 +7,15 @@ the component; the engine calls it directly. Nothing here knows any method.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -24,10 +26,75 @@ Batch = dict[str, Any]
 Example = dict[str, Any]
 
 
+def _members(annotation: Any) -> list[Any]:
+    """The types a value may have: ``Annotated`` and unions unwrapped."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _members(arg)]
+    return [annotation]
+
+
+def _number_wanted(annotation: Any) -> str | None:
+    """``'an integer'`` or ``'a number'`` when ``annotation`` takes an int or float but no bool."""
+    members = _members(annotation)
+    for m in members:
+        if m in (bool, Any, object) or (
+            typing.get_origin(m) is Literal and any(isinstance(a, bool) for a in typing.get_args(m))
+        ):
+            return None
+    if float in members:
+        return "a number"
+    return "an integer" if int in members else None
+
+
+def _bool_for_number(annotation: Any, value: Any, where: tuple[str, ...] = ()) -> str | None:
+    """What is wrong when ``value`` holds a bool where ``annotation`` wants a number, else None."""
+    if isinstance(value, bool):
+        wanted = _number_wanted(annotation)
+        if wanted is None:
+            return None
+        return f"expected {wanted}" if not where else f"expected {wanted} at item {'.'.join(where)}, got {value!r}"
+    if not isinstance(value, (list, tuple, dict)):
+        return None
+    for member in _members(annotation):
+        origin, args = typing.get_origin(member), typing.get_args(member)
+        if isinstance(value, dict) and origin in (dict, Mapping) and len(args) == 2:
+            pairs = [(str(k), args[1], v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)) and origin in (list, tuple, set, frozenset, Sequence) and args:
+            fixed = origin is tuple and args[-1] is not Ellipsis  # tuple[float, float], not tuple[int, ...]
+            items = list(enumerate(value))[: len(args) if fixed else None]
+            pairs = [(str(i), args[i] if fixed else args[0], v) for i, v in items]
+        else:
+            continue
+        for key, inner, item in pairs:
+            problem = _bool_for_number(inner, item, (*where, key))
+            if problem is not None:
+                return problem
+    return None
+
+
+def reject_bool_for_number(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A ``mode="before"`` field validator: a bool is not a number here.
+
+    Pydantic's lax mode reads ``True`` as ``1``, so ``max_steps: true`` would train one
+    step. Every field typed int or float (alone, in a union without bool, or inside a
+    list or dict) refuses bools; an int still passes where a float is wanted.
+    """
+    assert info.field_name is not None
+    problem = _bool_for_number(cls.model_fields[info.field_name].annotation, value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 class ComponentConfig(BaseModel):
-    """Base for component options: unknown keys are errors, values are checked on assignment."""
+    """Base for component options: unknown keys and bools for numbers are errors; assignments are checked."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    _no_bool_for_numbers = field_validator("*", mode="before")(reject_bool_for_number)
 
 
 @dataclass
@@ -85,10 +152,17 @@ class Models(Mapping[str, torch.nn.Module]):
 
 @dataclass
 class DataReport:
-    """What a data component read: rows per split, and rows skipped on purpose, by reason."""
+    """What a data component read: rows per split, rows skipped on purpose by reason, and
+    unknown tokens per file.
+
+    ``unknown_tokens`` maps a data file to ``{"unknown": n, "tokens": total}``: how many of
+    the tokens of its examples (every field ending in ``input_ids``) are the tokenizer's
+    unknown token. A tokenizer without one (byte-level BPE) leaves it empty.
+    """
 
     rows: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    unknown_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
@@ -303,3 +377,5 @@ class RunInfo:
     device: str
     trainable_parameters: int
     total_parameters: int
+    #: Validated recipe options of each lifecycle plugin that registered a model (``aligntk_register_options``).
+    plugin_options: dict[str, Any] = field(default_factory=dict)

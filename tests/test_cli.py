@@ -39,8 +39,9 @@ def test_help_lists_commands() -> None:
 
 
 def test_validate_ok_loads_no_model(tiny: dict[str, Any], tmp_path: Path) -> None:
-    # A model path that does not exist: validate must not try to load it.
-    recipe = {**tiny, "model": {"path": "/nonexistent/model"}}
+    # An empty model folder: validate checks that it exists, and must not try to load it.
+    (tmp_path / "model").mkdir()
+    recipe = {**tiny, "model": {"path": str(tmp_path / "model")}}
     result = invoke("validate", write(tmp_path, recipe), "train.max_steps=5")
     assert result.exit_code == 0, result.stderr
     assert "ok (data sft, loss sft, update full)" in result.output
