@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -217,7 +218,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str
         current = path / "trainer_state.json"
         trainer_state = json.loads(current.read_text())
         int(trainer_state["step"])
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError, SafetensorError) as exc:
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
         # torch.load's message suggests weights_only=False, which would run pickled code: never repeat it.
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "weights_only" in reason or "pickle" in reason.lower():

@@ -32,6 +32,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
     ``--overwrite`` replaces only a folder that an aligntk run wrote, and only when every
     entry in it is one that run's manifest lists: the user's own files are never deleted.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AligntkError(f"output_dir: {run_dir} is a file, not a folder; set output_dir to a folder")
     if resume:
         found = ckpt.list_checkpoints(run_dir)[::-1]
         if not found:
