@@ -251,8 +251,8 @@ def check_unknown_tokens(
     A character the tokenizer cannot encode becomes its unknown token, which the model
     then learns to predict for everything it cannot read. The tokens counted are those of
     every example field whose name ends in ``input_ids`` (``input_ids``,
-    ``chosen_input_ids``, ``rejected_input_ids`` ...), after truncation: what training
-    sees. A tokenizer without an unknown token (byte-level BPE) counts nothing.
+    ``chosen_input_ids``, ``rejected_input_ids`` ...), or ``prompt_ids`` in examples that
+    have none (online data's prompts), after truncation: what training sees. A tokenizer without an unknown token (byte-level BPE) counts nothing.
 
     Args:
         path: the file the examples came from (the key in the report).
@@ -270,11 +270,11 @@ def check_unknown_tokens(
         return
     unknown = tokens = 0
     for example in examples:
-        for name, ids in example.items():
-            if name.endswith("input_ids"):
-                ids = ids if isinstance(ids, list) else list(ids)
-                unknown += ids.count(unk_id)
-                tokens += len(ids)
+        names = [n for n in example if n.endswith("input_ids")] or [n for n in ("prompt_ids",) if n in example]
+        for ids in (example[n] for n in names):
+            ids = ids if isinstance(ids, list) else list(ids)
+            unknown += ids.count(unk_id)
+            tokens += len(ids)
     report.unknown_tokens[key] = {"unknown": unknown, "tokens": tokens}
     fraction = unknown / tokens if tokens else 0.0
     if max_fraction is not None and fraction > max_fraction:

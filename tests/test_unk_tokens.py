@@ -200,3 +200,27 @@ def test_a_share_at_or_under_max_unk_fraction_loads(tmp_path, tok) -> None:
 def test_max_unk_fraction_is_a_share(tmp_path, value) -> None:
     with pytest.raises(ValidationError, match="max_unk_fraction"):
         SFTData.Config(path=write(tmp_path / "train.jsonl", CLEAN), max_unk_fraction=value)
+
+
+def test_rollout_and_classification_data_count_their_files_too(tmp_path, tok) -> None:
+    # Every file-based data component goes through load_splits, online prompts included.
+    from aligntk_rl.data import RolloutData
+    from aligntk_w2s.data import ClassificationData
+
+    def expected(texts: list[str]) -> dict[str, int]:
+        ids = [i for t in texts for i in tok(t)["input_ids"]]
+        return {"unknown": ids.count(tok.unk_token_id), "tokens": len(ids)}
+
+    prompts = write(tmp_path / "prompts.jsonl", [{"prompt": "1+A=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"}])
+    splits = RolloutData(RolloutData.Config(path=prompts)).load(DataContext(tokenizer=tok, seed=0, rewards=[(1.0, object())]))
+    assert splits.report.unknown_tokens == {str(prompts): expected(["1+A=", "2+2="])}
+    assert expected(["1+A="])["unknown"] == 1
+
+    texts = write(tmp_path / "texts.jsonl", [{"text": "1+Z", "label": 0}, {"text": "2+2", "label": 1}])
+    counts = expected(["1+Z", "2+2"])
+    splits = ClassificationData(ClassificationData.Config(path=texts)).load(DataContext(tokenizer=tok, seed=0))
+    assert splits.report.unknown_tokens == {str(texts): counts} and counts["unknown"] == 1
+    with pytest.raises(DataError, match=r"texts.jsonl: .* above data.max_unk_fraction 0.1"):
+        ClassificationData(ClassificationData.Config(path=texts, max_unk_fraction=0.1)).load(
+            DataContext(tokenizer=tok, seed=0)
+        )

@@ -10,26 +10,23 @@ from pydantic import Field, PositiveInt
 
 from aligntk import (
     Batch,
-    ComponentConfig,
     DataContext,
     DataError,
-    DataReport,
     DataSplits,
     Example,
-    LocalFile,
     Models,
     Scored,
     part,
 )
-from aligntk.datafiles import read_rows, require_pad_token
+from aligntk.datafiles import FileDataConfig, load_splits, read_rows, require_pad_token
 from aligntk.generation import left_pad
 from aligntk.models import unwrap
 
 from .loss import policy_forward
 
 
-class RolloutConfig(ComponentConfig):
-    """Options of the ``rollout`` data.
+class RolloutConfig(FileDataConfig):
+    """Options of the ``rollout`` data (with ``eval_path``, ``eval_fraction``, ``max_unk_fraction``).
 
     Attributes:
         path: prompts (JSONL/JSON/CSV/Parquet) with ``prompt`` and, for rule-based
@@ -43,8 +40,6 @@ class RolloutConfig(ComponentConfig):
             time, so the clipped ratio is right on every one.
     """
 
-    path: LocalFile
-    eval_path: LocalFile | None = None
     prompt_key: str = "prompt"
     reference_key: str = "completion"
     num_generations: int = Field(4, ge=1)
@@ -75,11 +70,7 @@ class RolloutData:
             raise DataError("rollout data needs rewards: add a 'rewards' list to the recipe")
         require_pad_token(ctx.tokenizer)
         self.tokenizer, self.rewards = ctx.tokenizer, ctx.rewards
-        report = DataReport()
-        train = self._read(self.config.path)
-        evals = self._read(self.config.eval_path) if self.config.eval_path else []
-        report.rows = {"train": len(train), "eval": len(evals)}
-        return DataSplits(train=train, eval=evals, report=report)
+        return load_splits(self.config, ctx.seed, lambda path, report: self._read(path), tokenizer=ctx.tokenizer)
 
     def _read(self, path: Any) -> list[Example]:
         c = self.config

@@ -16,19 +16,18 @@ from typing import Any
 import torch
 from pydantic import Field, PositiveInt
 
-from aligntk import Batch, ComponentConfig, DataContext, DataError, DataReport, DataSplits, Example, LocalFile
-from aligntk.datafiles import describe_type, read_rows, require_pad_token
+from aligntk import Batch, DataContext, DataError, DataSplits, Example, LocalFile
+from aligntk.datafiles import FileDataConfig, describe_type, load_splits, read_rows, require_pad_token
 
 #: Batch fields the ``classification`` component provides.
 CLASSIFICATION_PROVIDES = frozenset({"input_ids", "attention_mask", "soft_labels", "labels_int"})
 
 
-class ClassificationDataConfig(ComponentConfig):
-    """Options of the ``classification`` data component.
+class ClassificationDataConfig(FileDataConfig):
+    """Options of the ``classification`` data component (with ``path``, ``eval_path``,
+    ``eval_fraction``, ``max_unk_fraction``).
 
     Attributes:
-        path: the training file (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``).
-        eval_path: the evaluation (test) file, same columns.
         text_key: the column holding the text.
         label_key: the column holding the class, an integer in ``[0, num_classes)``.
         num_classes: the number of classes ``C``.
@@ -41,8 +40,6 @@ class ClassificationDataConfig(ComponentConfig):
             the ground truth as training targets. ``label`` keeps the ground truth.
     """
 
-    path: LocalFile
-    eval_path: LocalFile | None = None
     text_key: str = "text"
     label_key: str = "label"
     num_classes: int = Field(2, ge=2)
@@ -181,14 +178,7 @@ class ClassificationData:
         c = self.config
         self.pad_token_id = require_pad_token(ctx.tokenizer)
         self.label_token_ids = self._label_token_ids(ctx.tokenizer)
-        train = self._read(c.path, ctx.tokenizer)
-        if c.soft_labels_path is not None:
-            soft = read_soft_labels(c.soft_labels_path, len(train), c.num_classes)
-            for example, probs in zip(train, soft):
-                example["soft_labels"] = probs
-        eval_ = self._read(c.eval_path, ctx.tokenizer) if c.eval_path is not None else []
-        report = DataReport(rows={"train": len(train), "eval": len(eval_)})
-        return DataSplits(train=train, eval=eval_, report=report)
+        return load_splits(c, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer), tokenizer=ctx.tokenizer)
 
     def _label_token_ids(self, tokenizer: Any) -> list[int] | None:
         tokens = self.config.label_tokens
@@ -216,6 +206,10 @@ class ClassificationData:
             if self.label_token_ids is not None:
                 example["label_token_ids"] = self.label_token_ids
             examples.append(example)
+        if path == c.path and c.soft_labels_path is not None:  # aligned with the training file's rows
+            soft = read_soft_labels(c.soft_labels_path, len(examples), c.num_classes)
+            for example, probs in zip(examples, soft):
+                example["soft_labels"] = probs
         return examples
 
     def collate(self, examples: Sequence[Example]) -> Batch:
