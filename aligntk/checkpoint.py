@@ -67,8 +67,12 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None,
     keep: int,
     trainer_state: dict[str, Any],
+    data_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint for ``step`` atomically; keep the newest ``keep`` checkpoints.
+
+    ``data_state`` is what the batch source needs to go on exactly (online data's rollout
+    block in use); it comes back as the trainer state's ``data`` on load.
 
     Raises:
         TrainingError: a weight is not finite; nothing is written and older checkpoints stay.
@@ -86,6 +90,7 @@ def save_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "data": data_state or {},
     }
     torch.save(state, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}))
@@ -186,7 +191,7 @@ def load_latest(
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        return path, trainer_state
+        return path, {**trainer_state, "data": state.get("data") or {}}
     detail = f": newest: {reasons[0]}" if reasons else ""
     raise AligntkError(f"--resume: no checkpoint could be loaded ({len(reasons)} damaged){detail}")
 

@@ -152,26 +152,50 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _options(cls: type) -> list[str]:
-    """One line per option of a component: name, type, default (from its pydantic Config)."""
-    from pydantic_core import PydanticUndefined
+def _bounds(field: Any) -> list[str]:
+    """A field's numeric bounds (``>= 0``, ``< 1``), also those inside ``PositiveInt | None``."""
+    import typing
 
+    import annotated_types as at
+
+    metadata = list(field.metadata)
+    origin = typing.get_origin(field.annotation)
+    if getattr(origin, "__name__", "") in ("Union", "UnionType"):  # not list[PositiveInt]: those bound items
+        for arg in typing.get_args(field.annotation):
+            if typing.get_origin(arg) is typing.Annotated:
+                metadata += typing.get_args(arg)[1:]
+    signs = ((at.Ge, "ge", ">="), (at.Gt, "gt", ">"), (at.Le, "le", "<="), (at.Lt, "lt", "<"))
+    return [f"{sign} {getattr(m, attr)}" for m in metadata for kind, attr, sign in signs if isinstance(m, kind)]
+
+
+def _options(cls: type) -> list[str]:
+    """One line per option of a component (from its pydantic Config).
+
+    ``name: type = default (bounds) -- description``; ``= required`` when it has no
+    default; the bounds and the description only where the field has them.
+    """
     from .parts import PartOf
 
     lines = []
     for name, field in cls.Config.model_fields.items():
         parts = [m.kind for m in field.metadata if isinstance(m, PartOf)]
         kind = f"a registered {parts[0]}" if parts else _type_name(field.annotation)
-        default = "required" if field.default is PydanticUndefined else repr(field.default)
-        lines.append(f"{name}: {kind} = {default}")
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        line = f"{name}: {kind} = {default}"
+        bounds = _bounds(field)
+        if bounds:
+            line += f" ({', '.join(bounds)})"
+        if field.description:
+            line += f" -- {field.description}"
+        lines.append(line)
     return lines
 
 
 @main.command("plugins")
-@click.option("-v", "--verbose", is_flag=True, help="Also list each component's options with defaults.")
+@click.option("-v", "--verbose", is_flag=True, help="Also list each component's options: type, default, bounds.")
 @_user_errors
 def plugins_cmd(verbose: bool) -> None:
-    """List installed plugins: distribution, version, and the components each provides."""
+    """List installed plugins: distribution, version, and the components and parts each provides."""
     plugins = load_plugins()
     for info in plugins.infos:
         click.echo(f"{info.name}  ({info.distribution} {info.version})")
@@ -179,7 +203,8 @@ def plugins_cmd(verbose: bool) -> None:
             click.echo(f"    BROKEN: {info.error}")
             continue
         for reg in plugins.registry.by_plugin(info.name):
-            click.echo(f"    {reg.kind:<9} {reg.name}")
+            # A part (aligntk_register_parts) shows its plugin-defined kind: "part      kl: k3".
+            click.echo(f"    {'part':<9} {reg.kind}: {reg.name}" if reg.part else f"    {reg.kind:<9} {reg.name}")
             if verbose:
                 for line in _options(reg.cls):
                     click.echo(f"              {line}")

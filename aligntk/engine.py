@@ -10,7 +10,6 @@ folder and the lifecycle hooks. It reads top to bottom: ``train`` sets up, then
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -24,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from . import checkpoint as ckpt
+from .batches import Layout, OnlineBatches, StaticBatches, global_batch_indices, make_batches  # noqa: F401
 from .distributed import Dist, init_distributed, shutdown
 from .errors import AligntkError, Interrupted, TrainingError
 from .models import (
@@ -44,7 +43,9 @@ from .plugins import Plugins
 from .precision import Precision
 from .recipe import ResolvedRecipe
 from .rundir import check_run_dir, check_same_recipe, drop_metrics_after, record_written, start_run_dir
-from .types import Batch, DataContext, DataSplits, Example, LossComponent, Models, RunInfo
+from .types import Batch, DataContext, DataSplits, Example, LossCapabilities, LossComponent, Models, RunInfo
+
+__all__ = ["RunResult", "global_batch_indices", "train"]
 
 log = logging.getLogger("aligntk")
 
@@ -59,33 +60,6 @@ class RunResult:
     last_train: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None
     is_main: bool = True
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
-
-
-def global_batch_indices(step: int, n: int, size: int, seed: int) -> list[int]:
-    """Example indices of the global batch for optimizer step ``step`` (0-based).
-
-    The training stream is one shuffled pass after another with a fresh order per
-    epoch, cut into consecutive global batches; a batch may straddle two epochs.
-    Nothing is dropped, and the batch is a pure function of the step, which is what
-    makes resume exact without saving any data-loader state.
-    """
-    out: list[int] = []
-    position = step * size
-    while len(out) < size:
-        epoch, offset = divmod(position + len(out), n)
-        take = min(size - len(out), n - offset)
-        out.extend(_permutation(n, seed, epoch)[offset : offset + take])
-    return out
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _count_tokens(batch: Batch) -> torch.Tensor:
@@ -119,7 +93,7 @@ def train(
         update = resolved.update.build()
         losses = [c.build() for c in resolved.losses]
         policy = update.prepare(policy)
-        attach_heads(policy, _declared_heads(losses, policy))
+        attach_heads(policy, _declared_heads(resolved, losses, policy))
         policy = policy.to(d.device)
         if spec.gradient_checkpointing:
             _enable_checkpointing(unwrap(policy))
@@ -166,7 +140,21 @@ def train(
             info=info,
             tokenizer=tokenizer,
             models=Models(models, heads=heads_of(policy)),
-            data=data,
+            batches=make_batches(
+                data,
+                resolved.data.capabilities,
+                splits,
+                Layout(
+                    batch_size=spec.batch_size,
+                    grad_accum=spec.grad_accum,
+                    eval_batch_size=spec.eval_batch_size or spec.batch_size,
+                    rank=d.rank,
+                    world_size=d.world_size,
+                    seed=recipe.seed,
+                    device=d.device,
+                ),
+                precision,
+            ),
             splits=splits,
             losses=losses,
             weights=[c.weight for c in resolved.losses],
@@ -178,6 +166,7 @@ def train(
         )
         trainer.tokens_seen = int(trainer_state.get("tokens_seen", 0))
         trainer.skips = _Skips(int(trainer_state.get("skipped_steps", 0)), int(trainer_state.get("skipped_in_a_row", 0)))
+        trainer.batches.load_state_dict(trainer_state.get("data") or {})
         return trainer.fit()
     finally:
         shutdown(d)
@@ -200,12 +189,13 @@ def _load_models(
     return tokenizer, policy, frozen
 
 
-def _declared_heads(losses: list[LossComponent], policy: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The trainable heads the losses declare (``LossComponent.heads``), by name."""
+def _declared_heads(
+    resolved: ResolvedRecipe, losses: list[LossComponent], policy: torch.nn.Module
+) -> dict[str, torch.nn.Module]:
+    """The trainable heads the losses declare (``LossCapabilities.heads``), by name."""
     heads: dict[str, torch.nn.Module] = {}
-    for loss in losses:
-        make = getattr(loss, "heads", None)
-        for name, head in (make(unwrap(policy)) if make else {}).items():
+    for spec, loss in zip(resolved.losses, losses):
+        for name, head in (loss.heads(unwrap(policy)) if spec.capabilities.heads else {}).items():
             if name in heads:
                 raise AligntkError(f"two losses declare a trainable head named {name!r}")
             heads[name] = head
@@ -218,7 +208,7 @@ def _check_setup(resolved: ResolvedRecipe, splits: DataSplits, d: Dist) -> None:
     if not splits.train:
         raise AligntkError(f"data: the {resolved.data.name!r} data gave no training examples")
     for loss in resolved.losses:
-        if getattr(loss.cls, "whole_batch", False) and (spec.grad_accum > 1 or d.world_size > 1):
+        if loss.capabilities.whole_batch and (spec.grad_accum > 1 or d.world_size > 1):
             raise AligntkError(
                 f"loss {loss.name!r} computes statistics over the whole batch, so it needs one micro-batch per "
                 f"step: set train.grad_accum: 1 and run one process (raise train.batch_size instead)"
@@ -322,7 +312,7 @@ class _Trainer:
     info: RunInfo
     tokenizer: Any
     models: Models
-    data: Any
+    batches: StaticBatches | OnlineBatches
     splits: DataSplits
     losses: list[LossComponent]
     weights: list[float]
@@ -337,15 +327,12 @@ class _Trainer:
         self.spec = spec
         self.policy = self.models.policy
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.per_rank = spec.batch_size * spec.grad_accum
-        self.global_batch = self.per_rank * self.d.world_size
+        self.capabilities: list[LossCapabilities] = [c.capabilities for c in self.resolved.losses]
         self.metrics_file = self.info.run_dir / "metrics.jsonl"
         self.tokens_seen = 0
         self.skips = _Skips()
         self.signals = _StopSignals()
         self._listed: set[str] = set()  # run-folder entries already in the run manifest
-        self.cache = {}
-        self._rollouts: tuple[int, list[Batch]] | None = None
         names = [c.name for c in self.resolved.losses]
         # Metric prefixes: the loss name, with its index when a recipe uses a loss twice.
         self.loss_keys = [n if names.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(names)]
@@ -359,8 +346,13 @@ class _Trainer:
         evaluated_at = -1
         try:
             self.signals.__enter__()
-            self.precompute()
-            self.release_unused_models()
+            self.batches.prepare(
+                self.models,
+                list(zip(self.loss_keys, self.losses, self.capabilities)),
+                info.run_dir / "cache",
+                resumed=info.start_step > 0,
+                is_main=self.d.is_main,
+            )
             if self.d.is_main:
                 self.plugins.on_run_start(info)
             if info.start_step == 0:
@@ -411,106 +403,12 @@ class _Trainer:
                     record_written(info.run_dir)
         return result
 
-    def micro_batches(self, step: int) -> list[Batch]:
-        """This process's micro-batches for optimizer step ``step`` (1-based), on the device.
-
-        Online data with ``iterations = k`` samples once every ``k`` steps and trains
-        ``k`` optimizer steps on the same rollouts: their old log-probs are from sampling
-        time, so the clipped ratio is right on every step.
-        """
-        train = self.splits.train
-        reuse = getattr(self.data, "iterations", 1) if hasattr(self.data, "rollout") else 1
-        block = (step - 1) // reuse
-        if self._rollouts is not None and self._rollouts[0] == block:
-            return self._rollouts[1]
-        indices = global_batch_indices(block, len(train), self.global_batch, self.resolved.recipe.seed)
-        mine = indices[self.d.rank * self.per_rank : (self.d.rank + 1) * self.per_rank]
-        size = self.spec.batch_size
-        batches = [self.batch("train", mine[j : j + size]) for j in range(0, len(mine), size)]
-        if reuse > 1:
-            self._rollouts = (block, batches)
-        return batches
-
-    def batch(self, split: str, indices: Sequence[int]) -> Batch:
-        """Collate examples ``indices`` of ``split``, add their cached fields, move to the device."""
-        examples = self.splits.train if split == "train" else self.splits.eval
-        chosen = [examples[i] for i in indices]
-        if split == "train" and hasattr(self.data, "rollout"):
-            chosen = self._rollout(chosen)
-        batch = self.data.collate(chosen)
-        cached = self.cache.get(split)
-        if cached:
-            rows = torch.tensor(list(indices))
-            batch.update({name: values[rows] for name, values in cached.items()})
-        return _to_device(batch, self.d.device)
-
-    @torch.no_grad()
-    def _rollout(self, examples: list[Example]) -> list[Example]:
-        """Online data: the data component samples from the current policy (eval mode, no grad)."""
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            with self.precision.autocast():
-                return list(self.data.rollout(self.models, examples))
-        finally:
-            self.policy.train(was_training)
-
-    @torch.no_grad()
-    def precompute(self) -> None:
-        """Run each loss's ``precompute`` once over every example; reuse the run folder's cache on resume.
-
-        Every process computes the whole cache (a one-time cost) so no gather is needed;
-        the main process writes it.
-        """
-        self.cache: dict[str, dict[str, torch.Tensor]] = {}
-        hooks = [(self.loss_keys[i], loss.precompute) for i, loss in enumerate(self.losses) if hasattr(loss, "precompute")]
-        if not hooks:
-            return
-        size = self.spec.eval_batch_size or self.spec.batch_size
-        for split, examples in (("train", self.splits.train), ("eval", self.splits.eval)):
-            fields: dict[str, torch.Tensor] = {}
-            for key, fn in hooks:
-                path = self.info.run_dir / "cache" / f"{key}-{split}.safetensors"
-                if path.exists() and self.info.start_step > 0:
-                    found = load_file(str(path))
-                else:
-                    parts: list[dict[str, torch.Tensor]] = []
-                    for j in range(0, len(examples), size):
-                        batch = _to_device(self.data.collate(list(examples[j : j + size])), self.d.device)
-                        with self.precision.autocast():
-                            parts.append({k: v.float().cpu() for k, v in fn(self.models, batch).items()})
-                    found = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
-                    if self.d.is_main and found:
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        save_file(found, str(path))
-                clash = set(found) & set(fields)
-                if clash:
-                    raise AligntkError(f"losses precompute the same batch fields {sorted(clash)}; rename one")
-                fields.update(found)
-            self.cache[split] = fields
-
-    def release_unused_models(self) -> None:
-        """Free frozen models that no step calls any more (their outputs are in the cache).
-
-        A loss names the roles its steps call in ``live_roles`` (default: its ``roles``);
-        online data may call any model, so nothing is released for it.
-        """
-        if hasattr(self.data, "rollout"):
-            return
-        live = {role for loss in self.losses for role in getattr(loss, "live_roles", type(loss).roles)}
-        for role in [r for r in self.models if r != "policy" and r not in live]:
-            self.models.release(role)
-            log.info("released the frozen %r model: its outputs are cached", role)
-        if self.d.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     def train_step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
-        for loss in self.losses:
-            start_step = getattr(loss, "start_step", None)
-            if start_step is not None:
-                start_step(step, self.spec.max_steps)
-        batches = self.micro_batches(step)
+        for loss, caps in zip(self.losses, self.capabilities):
+            if caps.scheduled:
+                loss.start_step(step, self.spec.max_steps)
+        batches = self.batches.micro_batches(step, self.models)
         # Each loss is divided by its unit count over the whole global batch (every
         # micro-batch on every process), known before any backward: accumulation and
         # DDP then give exactly the gradient of one large batch.
@@ -645,7 +543,7 @@ class _Trainer:
         metrics: dict[str, float] = {}
         was_training = self.policy.training
         self.policy.eval()
-        if examples and not hasattr(self.data, "rollout"):  # online data has no fixed eval loss
+        if examples and self.batches.has_eval_loss:
             metrics.update(self._eval_loss(examples))
         if self.d.is_main:
             model = unwrap(self.policy)
@@ -665,7 +563,7 @@ class _Trainer:
         totals = torch.zeros(2 * n, device=self.d.device)
         metric_sums = _MetricSums(self.loss_keys)
         for j in range(0, len(mine), size):
-            batch = self.batch("eval", mine[j : j + size])
+            batch = self.batches.batch("eval", mine[j : j + size])
             with self.precision.autocast():
                 for i, loss in enumerate(self.losses):
                     out = loss(self.models, batch)
@@ -698,6 +596,7 @@ class _Trainer:
                     "skipped_steps": self.skips.total,
                     "skipped_in_a_row": self.skips.in_a_row,
                 },
+                data_state=self.batches.state_dict(),
             )
             self.plugins.on_checkpoint_saved(self.info, step, path)
         self.d.barrier()

@@ -3,7 +3,8 @@
 Two kinds of hook:
 
 * Registration hooks are called once at start-up. Each receives a ``register``
-  callback and calls it once per component: ``register("name", ComponentClass)``.
+  callback and calls it once per component: ``register("name", ComponentClass)``
+  (``aligntk_register_parts`` also names the kind: ``register("kl", "k3", K3)``).
   Names are global per kind; registering a name another plugin already has is an
   error naming both plugins. The recipe picks a component by name, so nothing
   depends on plugin order.
@@ -80,39 +81,6 @@ def aligntk_register_rewards(register: Register) -> None:
 
 
 @hookspec
-def aligntk_register_advantages(register: Register) -> None:
-    """Register advantage estimators: ``register("gae", GAE)``.
-
-    An advantage estimator (``aligntk.types.AdvantageEstimator``) turns scored
-    samples (``aligntk.types.Scored``: rewards, completion mask, log-probs at
-    sampling time, values) into per-token advantages and, for a learned value,
-    returns. Online data picks one by name (``advantage: rloo``), so every online
-    method is compared under the same estimator.
-    """
-
-
-@hookspec
-def aligntk_register_kl_estimators(register: Register) -> None:
-    """Register per-token KL estimators: ``register("k3", K3)``.
-
-    A KL estimator (``aligntk.types.KLEstimator``) maps token log-probs of the
-    policy and the reference, ``[B, T]`` each, to a per-token estimate of
-    ``KL(policy || reference)``. Losses pick one by name (``kl: k3``).
-    """
-
-
-@hookspec
-def aligntk_register_aggregations(register: Register) -> None:
-    """Register loss aggregations: ``register("token", TokenMean)``.
-
-    An aggregation (``aligntk.types.Aggregation``) reduces a per-token loss
-    ``[B, T]`` under a mask to a sum, and says how many units that sum is over
-    (``count``), so the engine divides by the global count. Losses pick one by
-    name (``aggregation: sequence``).
-    """
-
-
-@hookspec
 def aligntk_register_evaluators(register: Register) -> None:
     """Register evaluators: ``register("exact_match", GenerationExactMatch)``.
 
@@ -129,8 +97,26 @@ def aligntk_register_commands(cli: Any) -> None:
 
     ``cli`` is the root ``click.Group``. A method whose workflow spans several runs
     (the weak-to-strong protocol, say) adds its command here; it should build its
-    runs with ``aligntk.engine.train`` so they share the engine. A command name that
+    runs with ``aligntk.train`` so they share the engine. A command name that
     is already taken is an error naming the plugin.
+    """
+
+
+#: ``register(kind, name, part_class)``: the callback ``aligntk_register_parts`` receives.
+RegisterPart = Callable[[str, str, type], None]
+
+
+@hookspec
+def aligntk_register_parts(register: RegisterPart) -> None:
+    """Register nested parts, components of kinds the plugin defines: ``register("advantage", "gae", GAE)``.
+
+    A part is a small class with a pydantic ``Config``, built as ``Part(config)``, that
+    another component's option names with ``aligntk.part(kind)``: the RL plugin's
+    advantage estimators, KL estimators and loss aggregations are parts of kinds
+    ``advantage``, ``kl`` and ``aggregation``. ``kind`` is any string the plugin chooses
+    (other plugins may register parts of the same kind) but not a component kind of a
+    registration hook above (``loss`` ...). Names are global per kind: a name registered
+    twice is an error naming both plugins; ``aligntk plugins`` lists each part with its kind.
     """
 
 

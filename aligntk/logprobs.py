@@ -15,11 +15,12 @@ chunk. Results are float32, like the plain path.
 The model is called through its own ``forward`` (so DDP, peft LoRA and the engine's
 frozen wrapper keep working), with ``logits_to_keep=1``; a forward hook on the decoder
 body keeps its output. Where the structure is not recognized (no ``get_decoder`` /
-``get_output_embeddings``, prompt tuning's virtual tokens, a head with logit scaling or
-soft-capping, a sequence-classification model) the plain logits path runs instead: same
-results, no saving.
+``get_output_embeddings``, a model that prepends positions such as prompt tuning's soft
+prompt (``prepends_positions``), a head with logit scaling or soft-capping, a
+sequence-classification model) the plain logits path runs instead: same results, no saving.
 
-``token_logps`` is the entry point::
+``token_logps`` is the entry point, and the one place that picks the path: a loss passes its
+``chunk_size`` option (``ChunkSize``: rows per chunk, ``0`` for the plain path, or ``auto``)::
 
     out = token_logps(model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
     loss_sum = -out.logps.sum()            # SFT: summed NLL of the labelled tokens
@@ -38,8 +39,7 @@ from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from .models import Frozen, unwrap
-
-IGNORE_INDEX = -100
+from .sequences import IGNORE_INDEX
 
 #: Labelled tokens per output-layer chunk. In benchmarks/kernels (2 x 1024 tokens) it cut
 #: the SFT loss's peak memory to 0.49x (32k vocabulary) and 0.41x (131k) of the plain
@@ -92,7 +92,7 @@ def token_logps(
     position_ids: torch.Tensor | None = None,
     *,
     labels: torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | Literal["auto"] = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
 ) -> TokenLogps:
     """Log-probability of each target token given the tokens before it.
@@ -109,12 +109,14 @@ def token_logps(
         position_ids: ``[B, T]`` or ``None``.
         labels: ``[B, T]`` target ids, ``-100`` where nothing is scored (prompt, padding).
         chunk_size: labelled tokens per output-layer chunk; ``0`` runs the plain path
-            (full ``[B, T, V]`` logits).
+            (full ``[B, T, V]`` logits); ``auto`` chooses for this model
+            (``resolve_chunk_size``), so a loss passes its ``chunk_size`` option as it is.
         with_entropy: also return the (detached) entropy at each computed position.
 
     Returns:
         ``TokenLogps`` with ``logps`` ``[B, T]`` float32 (differentiable).
     """
+    chunk_size = resolve_chunk_size(model, chunk_size)
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0, got {chunk_size}")
     targets = _targets(input_ids, attention_mask, labels)
@@ -344,26 +346,34 @@ def logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy:
     return TokenLogps(logps=_pad_left(torch.where(mask, picked, 0.0)), mask=_pad_left(mask), entropy=entropy)
 
 
-def prepends_positions(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is prompt-tuned: peft prepends virtual tokens and drops ``position_ids``.
+#: The attribute by which a model wrapper declares that it prepends positions to every
+#: sequence (prompt tuning's soft prompt): an int, how many. Such a wrapper returns logits
+#: already aligned with its inputs (``[B, T, V]``, the prepended positions dropped); set it
+#: on the wrapper (an update step's ``prepare`` does), and this module reads nothing else.
+PREPENDED_POSITIONS = "prepended_positions"
 
-    Such a model neither takes the chunked path nor can train on packed rows (without
-    ``position_ids`` it would attend across the packed sequences).
+
+def prepends_positions(model: torch.nn.Module) -> bool:
+    """Whether ``model`` prepends positions to every sequence (prompt tuning, say).
+
+    A wrapper declares it with an int attribute ``prepended_positions`` above 0
+    (``PREPENDED_POSITIONS``); a peft model used directly is recognized by its
+    prompt-learning config. Such a model neither takes the chunked path nor can train on
+    packed rows (peft drops ``position_ids`` there, so packed sequences would attend to
+    each other).
     """
     return _innermost(model) is None
 
 
 def _innermost(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The Hugging Face model inside DDP, ``Frozen`` and peft wrappers; ``None`` if prompt-tuned."""
+    """The Hugging Face model inside DDP, ``Frozen`` and peft wrappers; ``None`` if it prepends positions."""
     m = model
     while True:
         m = unwrap(m)
+        if getattr(m, PREPENDED_POSITIONS, 0):
+            return None
         if isinstance(m, Frozen):
             m = m.model
-        elif getattr(m, "virtual_tokens", 0):  # aligntk's peft wrapper with a soft prompt
-            return None
-        elif isinstance(getattr(m, "peft_model", None), torch.nn.Module):
-            m = m.peft_model
         elif hasattr(m, "peft_config") and hasattr(m, "get_base_model"):
             config = getattr(m, "active_peft_config", None)
             if config is None or getattr(config, "is_prompt_learning", False):

@@ -1,8 +1,10 @@
-"""Components chosen inside another component's options.
+"""Parts: components chosen inside another component's options.
 
-Some choices are shared by several methods: the KL estimator of an online loss, its
-aggregation, the advantage estimator of online data. They are registered components
-of their own (``aligntk_register_kl_estimators`` ...), and an option names one::
+A plugin may give its components sub-components that recipes choose by name, such as
+the RL plugin's KL estimators, loss aggregations and advantage estimators, shared by
+every online method. It registers them as parts of a kind it chooses
+(``aligntk_register_parts``: ``register("kl", "k3", K3)``), and any plugin's option
+names one::
 
     class MyLossConfig(ComponentConfig):
         kl: part("kl") = "k3"
@@ -66,7 +68,7 @@ def _choose(kind: str, value: Any, info: ValidationInfo) -> Part:
         raise ValueError(f"expected the name of a {kind} component, or a mapping with 'name' and its options")
     context = info.context or {}
     registry = context.get("registry") or _installed_registry()
-    found = registry.components[kind].get(name)
+    found = registry.components.get(kind, {}).get(name)
     if found is None:
         raise ValueError(registry.unknown(kind, name))
     try:
@@ -79,7 +81,7 @@ def _choose(kind: str, value: Any, info: ValidationInfo) -> Part:
 
 
 def part(kind: str) -> Any:
-    """The type of an option that names a registered component of ``kind`` (``"kl"`` ...)."""
+    """The type of an option that names a registered part of ``kind`` (``"kl"`` ...), or a component."""
     return Annotated[
         Part,
         PartOf(kind),

@@ -24,6 +24,7 @@ hookimpl = pluggy.HookimplMarker("aligntk")
 ENTRY_POINT_GROUP = "aligntk"
 SUITES_HOOK = "aligntk_register_suites"
 OPTIONS_HOOK = "aligntk_register_options"
+PARTS_HOOK = "aligntk_register_parts"
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Plugins:
         if plugin is None:
             return []
         callers = self.pm.get_hookcallers(plugin) or []
-        registration = {*KINDS.values(), "aligntk_register_commands", SUITES_HOOK, OPTIONS_HOOK}
+        registration = {*KINDS.values(), "aligntk_register_commands", PARTS_HOOK, SUITES_HOOK, OPTIONS_HOOK}
         return sorted(c.name.removeprefix("aligntk_") for c in callers if c.name not in registration)
 
     def versions(self) -> dict[str, str]:
@@ -147,6 +148,7 @@ def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
     registry = Registry()
     suites: dict[str, RegisteredSuite] = {}
     adders = {hook: functools.partial(_register, registry, kind) for kind, hook in KINDS.items()}
+    adders[PARTS_HOOK] = functools.partial(_register_part, registry)
     adders[SUITES_HOOK] = functools.partial(_register_suite, suites)
     adders[OPTIONS_HOOK] = functools.partial(_register_options, registry)
     failed: set[str] = set()
@@ -179,6 +181,11 @@ def load_plugins(extra: dict[str, object] | None = None) -> Plugins:
 
 def _register(registry: Registry, kind: str, plugin: str, name: str, cls: type) -> None:
     registry.add(kind, name, cls, plugin)
+
+
+def _register_part(registry: Registry, plugin: str, kind: str, name: str, cls: type) -> None:
+    """A nested part of a kind the plugin defines (``register(kind, name, cls)``)."""
+    registry.add_part(kind, name, cls, plugin)
 
 
 def _register_options(registry: Registry, plugin: str, cls: type) -> None:

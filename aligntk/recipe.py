@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from .capabilities import capabilities_of
 from .errors import RecipeError
 from .registry import Registry
 from .types import ComponentConfig, reject_bool_for_number
@@ -163,6 +164,8 @@ class Component:
     cls: type
     config: ComponentConfig
     weight: float = 1.0
+    #: What the component declares (``DataCapabilities``, ``LossCapabilities`` ...); None for other kinds.
+    capabilities: Any = None
 
     def build(self) -> Any:
         return self.cls(self.config)
@@ -429,7 +432,7 @@ def validate_recipe(raw: dict[str, Any], registry: Registry, source: str | Path 
             config = reg.cls.Config.model_validate(options, context={"base_dir": base_dir, "registry": registry})
         except ValidationError as exc:
             raise RecipeError(prefix + format_errors(exc, reg.cls.Config, tuple(key.split(".")))) from None
-        return Component(spec.name, reg.cls, config, weight)
+        return Component(spec.name, reg.cls, config, weight, capabilities_of(kind, spec.name, reg.cls, config))
 
     if not recipe.loss:
         raise RecipeError(f"{prefix}loss: at least one loss is needed")
@@ -505,17 +508,28 @@ def _check_model_configs(recipe: Recipe, source: Path | None, prefix: str) -> No
 
 
 def _check_compatible(resolved: ResolvedRecipe, prefix: str) -> None:
-    """The data must provide every field each loss reads; frozen roles need a model or a default."""
+    """What each part declares fits the others: batch fields, example fields, roles, whole batches."""
     data = resolved.data
-    # A data component whose fields depend on its options says so with provided_fields(config).
-    fields_for = getattr(data.cls, "provided_fields", None)
-    provides = fields_for(data.config) if fields_for is not None else data.cls.provides
+    provides = data.capabilities.provides if data.capabilities.provides is not None else data.cls.provides
     for loss in resolved.losses:
         missing = sorted(set(loss.cls.requires) - set(provides))
         if missing:
             raise RecipeError(
                 f"{prefix}loss {loss.name!r} needs batch fields {missing} that data {resolved.data.name!r} "
                 f"does not provide (it provides {sorted(provides)})"
+            )
+        if loss.capabilities.whole_batch and resolved.train.grad_accum > 1:
+            raise RecipeError(
+                f"{prefix}train.grad_accum: loss {loss.name!r} computes statistics over the whole batch, so it "
+                "needs one micro-batch per step: set train.grad_accum: 1 (raise train.batch_size instead)"
+            )
+    examples = data.capabilities.example_fields
+    for i, evaluator in enumerate(resolved.evaluators):
+        missing = sorted(evaluator.capabilities.requires - examples) if examples is not None else []
+        if missing:
+            raise RecipeError(
+                f"{prefix}evaluators.{i}: {evaluator.name!r} reads example fields {missing} that data "
+                f"{data.name!r} does not give (its examples hold {sorted(examples)})"
             )
     for role in resolved.roles():
         if role not in ("policy", "reference") and role not in resolved.recipe.models:

@@ -188,21 +188,83 @@ class DataContext:
     rewards: list[tuple[float, Any]] = field(default_factory=list)
 
 
+# --------------------------------------------------------------------------------------
+# Capabilities: what a component needs and provides beyond the protocol's members,
+# declared in one typed place per kind and read once, when the recipe is validated.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataCapabilities:
+    """What a data component declares with ``capabilities(config)`` (a classmethod; optional).
+
+    Attributes:
+        provides: the batch fields ``collate`` returns with these options (default: the
+            class's ``provides``); packed SFT batches carry ``position_ids`` instead of an
+            attention mask, for example.
+        example_fields: the fields every example holds, for evaluators' ``requires``
+            (``None``: not declared, checked when the evaluator runs).
+        online: the component samples from the current policy: it defines
+            ``rollout(models, examples) -> examples``, which the engine calls for each
+            training micro-batch before ``collate`` (eval mode, no grad), and has no fixed
+            evaluation loss.
+        iterations: online data only: optimizer steps on each batch of rollouts before
+            sampling again; the batches are checkpointed, so a resume inside a block is exact.
+    """
+
+    provides: frozenset[str] | None = None
+    example_fields: frozenset[str] | None = None
+    online: bool = False
+    iterations: int = 1
+
+
+@dataclass(frozen=True)
+class LossCapabilities:
+    """What a loss declares with ``capabilities(config)`` (a classmethod; optional).
+
+    Attributes:
+        precompute: the loss defines ``precompute(models, batch) -> dict[str, Tensor [B]]``
+            for what a frozen model computes once per example; the engine runs it once over
+            every example, keeps the results in the run folder's ``cache/`` and adds them to
+            each batch under the returned names.
+        live_roles: the roles its steps still call (default: every role in ``roles``);
+            after precomputing, the engine frees the frozen models no loss calls.
+        heads: the loss defines ``heads(model) -> dict[str, nn.Module]``, small trainable
+            modules trained, clipped, checkpointed and saved with the policy and handed to
+            losses and data as ``models.heads[name]`` (PPO's value head).
+        whole_batch: the loss needs the whole global batch in one call (a statistic over
+            the batch); the engine refuses ``train.grad_accum > 1`` and several processes.
+        scheduled: the loss defines ``start_step(step, max_steps)``, called before each
+            optimizer step (``step`` from 1), for a value that follows the schedule.
+    """
+
+    precompute: bool = False
+    live_roles: tuple[str, ...] | None = None
+    heads: bool = False
+    whole_batch: bool = False
+    scheduled: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluatorCapabilities:
+    """What an evaluator declares with ``capabilities(config)`` (a classmethod; optional).
+
+    Attributes:
+        requires: the example fields it reads; checked against the data component's
+            ``example_fields`` when the recipe is validated.
+    """
+
+    requires: frozenset[str] = frozenset()
+
+
 @runtime_checkable
 class DataComponent(Protocol):
     """Turns a source into examples, and examples into batches.
 
-    ``provides`` names the batch fields ``collate`` returns; the engine checks before
-    step one that they cover what the loss ``requires``.
-
-    Optional: ``provided_fields(config) -> frozenset`` (a classmethod) when the fields
-    depend on the options (packed SFT batches carry ``position_ids``, no attention mask);
-    the recipe check uses it instead of ``provides``.
-
-    Optional: ``rollout(models, examples) -> examples`` for online data. The engine
-    calls it for each training micro-batch before ``collate``, under ``torch.no_grad()``
-    with the policy in eval mode, so the component can sample completions from the
-    current policy and score them (``DataContext.rewards``).
+    ``provides`` names the batch fields ``collate`` returns; the recipe check makes sure
+    they cover what the loss ``requires`` before any model loads. Everything optional
+    (fields that depend on options, online sampling) is declared in
+    :class:`DataCapabilities`, returned by an optional ``capabilities(config)`` classmethod.
     """
 
     Config: ClassVar[type[ComponentConfig]]
@@ -222,28 +284,9 @@ class LossComponent(Protocol):
     units in a batch without a forward pass, so the engine can normalize over the global
     batch before any backward.
 
-    Optional: ``whole_batch = True`` declares a loss that needs the whole global
-    batch in one call (a statistic over the batch, such as a quantile threshold); the
-    engine then refuses ``train.grad_accum > 1`` or several processes.
-
-    Optional: ``precompute(models, batch) -> dict[str, Tensor [B]]`` for what a frozen
-    model computes once per example (reference log-probabilities, teacher scores). The
-    engine runs it once over every example before training, keeps the results in
-    ``cache/`` in the run folder, and adds them to each batch under the returned names.
-
-    Optional: ``live_roles``, the roles its steps still call when some come from
-    ``precompute`` (default: ``roles``); after precomputing, the engine frees the
-    frozen models no loss calls any more.
-
-    Optional: ``heads(model) -> dict[str, nn.Module]`` declares small trainable
-    modules trained with the policy (PPO's value head, say). The engine builds them
-    once, trains them with the policy's optimizer, checkpoints them with it, saves them
-    to ``model/heads.safetensors`` and hands them to losses and data as
-    ``models.heads[name]``.
-
-    Optional: a loss whose value follows the training schedule (a coefficient ramped
-    over a warm-up fraction, say) defines ``start_step(step, max_steps)``; the engine
-    calls it before each optimizer step (``step`` counts from 1).
+    Everything optional (a precomputed cache, trainable heads, a whole-batch statistic,
+    a schedule) is declared in :class:`LossCapabilities`, returned by an optional
+    ``capabilities(config)`` classmethod, and the methods it names are then required.
     """
 
     Config: ClassVar[type[ComponentConfig]]
@@ -260,6 +303,9 @@ class UpdateStep(Protocol):
     """Decides which parameters move and how: preparation, optimizer and schedule.
 
     ``prepare`` may freeze or wrap the policy (adapters) and returns the module to train.
+    A wrapper that prepends positions to every sequence (prompt tuning's soft prompt)
+    returns logits aligned with its inputs and says how many it prepends in an int
+    attribute ``prepended_positions``; log-prob code reads that (``prepends_positions``).
     ``configure`` builds the optimizer and learning-rate scheduler for ``total_steps``.
     ``max_grad_norm`` (or ``None``) is the clipping threshold the engine applies.
     ``penalty`` adds a regularizer to the step's loss (``None`` for none); it is called
@@ -292,7 +338,8 @@ class Evaluator(Protocol):
     """Measures a task metric on the evaluation examples (generation, accuracy ...).
 
     Called on the main process only, with the unwrapped policy in eval mode under
-    ``torch.no_grad()``; returns metric name to value.
+    ``torch.no_grad()``; returns metric name to value. The example fields it reads are
+    declared in :class:`EvaluatorCapabilities` (an optional ``capabilities(config)``).
     """
 
     Config: ClassVar[type[ComponentConfig]]
@@ -300,69 +347,6 @@ class Evaluator(Protocol):
     def __call__(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
     ) -> dict[str, float]: ...
-
-
-@dataclass
-class Scored:
-    """Sampled completions with their scores, as an advantage estimator sees them.
-
-    Every tensor is ``[N, T]`` and aligned with the token ids: position ``t`` holds the
-    log-probability (or value) of token ``t`` given those before it.
-
-    Attributes:
-        rewards: ``[N]`` one scalar reward per completion.
-        group_size: completions per prompt; rows ``[k * G, (k + 1) * G)`` share a prompt.
-        mask: 1.0 on completion tokens, 0.0 on prompt and padding.
-        logps: the policy's token log-probs at sampling time.
-        ref_logps: the reference's token log-probs, or ``None`` when there is no reference.
-        values: the value head's estimate before each token, or ``None`` without one.
-    """
-
-    rewards: torch.Tensor
-    group_size: int
-    mask: torch.Tensor
-    logps: torch.Tensor
-    ref_logps: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-
-@runtime_checkable
-class AdvantageEstimator(Protocol):
-    """Turns scored samples into per-token advantages ``[N, T]`` (0 off the mask).
-
-    Returns ``(advantages, returns)``; ``returns`` (the value head's regression
-    target, ``[N, T]``) is ``None`` for estimators without a learned value.
-    ``needs_values`` tells the data component to run the value head at sampling time.
-    """
-
-    Config: ClassVar[type[ComponentConfig]]
-    needs_values: ClassVar[bool]
-
-    def __call__(self, scored: Scored) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
-
-@runtime_checkable
-class KLEstimator(Protocol):
-    """Per-token estimate of ``KL(policy || reference)`` from log-probs ``[B, T]`` each."""
-
-    Config: ClassVar[type[ComponentConfig]]
-
-    def __call__(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class Aggregation(Protocol):
-    """Reduces a per-token loss ``[B, T]`` under a 0/1 ``mask`` to a sum over units.
-
-    ``count(mask)`` is the number of units the sum is over (tokens, sequences); the
-    engine divides the sum by the count over the whole global batch.
-    """
-
-    Config: ClassVar[type[ComponentConfig]]
-
-    def __call__(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
-
-    def count(self, mask: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass

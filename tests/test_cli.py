@@ -103,3 +103,52 @@ def test_plugins_verbose_lists_component_options() -> None:
     assert "learning_rate: float = 5e-05" in result.output
     assert "truncation: right|left|drop|error = 'right'" in result.output
     assert "path: Path = required" in result.output
+
+
+def _component_options(output: str, kind: str, name: str) -> list[str]:
+    """The option lines ``aligntk plugins --verbose`` prints under one component."""
+    lines = output.splitlines()
+    start = lines.index(f"    {kind:<9} {name}") + 1
+    options = []
+    for line in lines[start:]:
+        if not line.startswith(" " * 14):
+            break
+        options.append(line.strip())
+    return options
+
+
+def test_plugins_verbose_shows_factory_defaults_bounds_and_descriptions() -> None:
+    result = invoke("plugins", "--verbose")
+    assert result.exit_code == 0
+    full = _component_options(result.output, "update", "full")
+    assert "freeze: list[str] = []" in full  # a default_factory is a default, not "required"
+    assert "learning_rates: dict[str, float] = {}" in full  # bounds on its values are not the option's
+    assert "learning_rate: float = 5e-05 (> 0)" in full  # PositiveFloat
+    sft = _component_options(result.output, "data", "sft")
+    assert "max_length: int = 512 (> 0)" in sft  # PositiveInt
+    assert "eval_fraction: float = 0.0 (>= 0.0, < 1.0)" in sft  # Field(ge=..., lt=...)
+    assert "max_unk_fraction: float|None = None (>= 0.0, <= 1.0)" in sft
+    assert "path: Path = required" in sft
+
+
+def test_option_lines_show_descriptions() -> None:
+    from pydantic import Field, PositiveInt
+
+    from aligntk import ComponentConfig
+    from aligntk.cli import _options
+
+    class DescribedConfig(ComponentConfig):
+        share: float = Field(0.5, gt=0, le=1, description="share of rows kept")
+        names: list[str] = Field(default_factory=lambda: ["a"], description="which ones")
+        limit: PositiveInt | None = None
+        path: str
+
+    class Described:
+        Config = DescribedConfig
+
+    assert _options(Described) == [
+        "share: float = 0.5 (> 0, <= 1) -- share of rows kept",
+        "names: list[str] = ['a'] -- which ones",
+        "limit: int|None = None (> 0)",
+        "path: str = required",
+    ]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from aligntk_sft.loss import SFTLoss
 
-from aligntk import AligntkError, LossOutput, Models, TrainingError, hookimpl, load_plugins
+from aligntk import AligntkError, LossCapabilities, LossOutput, Models, TrainingError, hookimpl, load_plugins
 from aligntk.recipe import validate_recipe
 from aligntk.hookspecs import Register
 from aligntk.testing import char_tokenizer, read_metrics, run_recipe, tiny_model, write_tiny_assets
@@ -50,6 +50,10 @@ class ScheduledSFT(SFTLoss):
 
     mode = "explode"
     step = 0  # evaluation before training
+
+    @classmethod
+    def capabilities(cls, config: Any) -> LossCapabilities:
+        return LossCapabilities(scheduled=True)
 
     def start_step(self, step: int, max_steps: int) -> None:
         self.step = step

@@ -98,8 +98,23 @@ def recipes_md() -> str:
     return (DOCS / "recipes.md").read_text(encoding="utf-8")
 
 
-def test_there_are_hooks() -> None:
-    assert len(HOOKS) >= 5, sorted(HOOKS)
+def test_hooks_are_the_hookspecs_the_loader_and_the_engine_call() -> None:
+    """``HOOKS`` (what the tests below run over) is every hookspec pluggy knows, and nothing else.
+
+    Each is either a registration hook ``load_plugins`` collects or a lifecycle hook that a
+    ``Plugins.on_*`` wrapper calls.
+    """
+    import pluggy
+
+    from aligntk.plugins import OPTIONS_HOOK, PARTS_HOOK, SUITES_HOOK, Plugins
+    from aligntk.registry import KINDS
+
+    pm = pluggy.PluginManager("aligntk")
+    pm.add_hookspecs(hookspecs)
+    specs = {name for name in vars(pm.hook) if name.startswith("aligntk_")}
+    registration = {*KINDS.values(), "aligntk_register_commands", PARTS_HOOK, SUITES_HOOK, OPTIONS_HOOK}
+    lifecycle = {f"aligntk_{name}" for name in vars(Plugins) if name.startswith("on_")}
+    assert sorted(HOOKS) == sorted(specs) == sorted(registration | lifecycle)
 
 
 @pytest.mark.parametrize("name", sorted(HOOKS))
@@ -153,3 +168,15 @@ def test_recipes_md_documents_every_field(model: type, recipes_md: str) -> None:
     assert not documented - fields, f"docs/recipes.md, {heading}: keys that do not exist {sorted(documented - fields)}"
     for field in fields:
         assert f"`{field}`" in recipes_md
+
+
+def test_the_complete_recipe_is_the_quickstart(recipes_md: str) -> None:
+    """The recipe shown under "A complete recipe" is ``recipes/quickstart.yaml``, key for key."""
+    import yaml
+
+    section = _sections(recipes_md)["A complete recipe"]
+    assert "recipes/quickstart.yaml" in section
+    blocks = re.findall(r"^```yaml\n(.*?)^```", section, re.M | re.S)
+    assert len(blocks) == 1, "the section shows one yaml block"
+    quickstart = yaml.safe_load((DOCS.parent / "recipes" / "quickstart.yaml").read_text(encoding="utf-8"))
+    assert yaml.safe_load(blocks[0]) == quickstart

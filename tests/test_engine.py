@@ -9,25 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import assert_same_weights, weights
 from safetensors.torch import load_file
 
-from aligntk import AligntkError, TrainingError, hookimpl
+from aligntk import AligntkError, LossCapabilities, PluginError, TrainingError, hookimpl
 from aligntk.engine import global_batch_indices
 from aligntk.testing import InterruptAt, read_metrics, run_recipe
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model" / "model.safetensors"))
-
-
-def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        if atol == 0.0:
-            assert torch.equal(wa[name], wb[name]), name
-        else:
-            torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=1e-5, msg=name)
 
 
 def test_global_batches_cover_every_example_once_per_epoch() -> None:
@@ -229,6 +216,10 @@ def test_losses_with_a_schedule_hear_each_step(tiny: dict[str, Any]) -> None:
     seen: list[tuple[int, int]] = []
 
     class Scheduled(SFTLoss):
+        @classmethod
+        def capabilities(cls, config: Any) -> LossCapabilities:
+            return LossCapabilities(scheduled=True)
+
         def start_step(self, step: int, max_steps: int) -> None:
             seen.append((step, max_steps))
 
@@ -245,7 +236,9 @@ def test_whole_batch_losses_refuse_accumulation(tiny: dict[str, Any]) -> None:
     from aligntk_sft import SFTLoss
 
     class WholeBatch(SFTLoss):
-        whole_batch = True
+        @classmethod
+        def capabilities(cls, config: Any) -> LossCapabilities:
+            return LossCapabilities(whole_batch=True)
 
     class Plugin:
         @hookimpl
@@ -256,6 +249,36 @@ def test_whole_batch_losses_refuse_accumulation(tiny: dict[str, Any]) -> None:
     with pytest.raises(AligntkError, match="loss 'whole' computes statistics over the whole batch"):
         run_recipe(recipe, ["train.grad_accum=2"], plugins={"w": Plugin()})
     assert run_recipe(recipe, ["train.max_steps=1"], plugins={"w": Plugin()}, overwrite=True).steps == 1
+
+
+def test_optional_members_must_be_declared(tiny: dict[str, Any]) -> None:
+    # A loss with start_step but no capabilities() would have its schedule ignored: refused instead.
+    from aligntk_sft import SFTLoss
+
+    from aligntk.recipe import validate_recipe
+
+    class Undeclared(SFTLoss):
+        def start_step(self, step: int, max_steps: int) -> None: ...
+
+    class Promises(SFTLoss):
+        @classmethod
+        def capabilities(cls, config: Any) -> LossCapabilities:
+            return LossCapabilities(precompute=True)
+
+    class Plugin:
+        @hookimpl
+        def aligntk_register_losses(self, register: Any) -> None:
+            register("undeclared", Undeclared)
+            register("promises", Promises)
+
+    from aligntk import load_plugins
+
+    registry = load_plugins(extra={"p": Plugin()}).registry
+    with pytest.raises(PluginError, match=r"loss 'undeclared' \(.*Undeclared\) has start_step but declares no "
+                                          r"capabilities\(config\); return a LossCapabilities"):
+        validate_recipe({**tiny, "loss": {"name": "undeclared"}}, registry)
+    with pytest.raises(PluginError, match=r"loss 'promises' declares precompute but defines no precompute\(\)"):
+        validate_recipe({**tiny, "loss": {"name": "promises"}}, registry)
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tiny: dict[str, Any], tmp_path: Path) -> None:

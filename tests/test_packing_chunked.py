@@ -14,6 +14,7 @@ import torch
 from aligntk_po import DPOLoss, SimPOLoss
 from aligntk_sft import SFTLoss
 from aligntk_sft.data import SFTData, pack
+from helpers import token_logps as from_logits
 
 from aligntk import DataContext, Models, TrainingError
 from aligntk.engine import _count_tokens
@@ -78,8 +79,6 @@ def test_chunked_token_logps_equal_plain_in_value_and_gradient(tok: Any, chunk_s
 
 
 def test_token_logps_of_given_ids_align_with_the_rl_convention(tok: Any) -> None:
-    from test_rl import token_logps as from_logits
-
     model = tiny_model(tok)
     batch = tiny_batch(tok, PAIRS)
     out = token_logps(model, batch["input_ids"], batch["attention_mask"], chunk_size=5)
@@ -127,7 +126,7 @@ def test_an_unrecognized_model_takes_the_plain_path(tok: Any) -> None:
     opaque = token_logps(Opaque(model), *args, labels=batch["labels"], chunk_size=4)
     direct = token_logps(model, *args, labels=batch["labels"], chunk_size=4)
     prompt_tuned = model
-    prompt_tuned.virtual_tokens = 3  # aligntk's peft wrapper with a soft prompt says so
+    prompt_tuned.prepended_positions = 3  # a wrapper with a soft prompt declares it (PeftPolicy does)
     assert not token_logps(prompt_tuned, *args, labels=batch["labels"], chunk_size=4).chunked
     assert not opaque.chunked and direct.chunked
     torch.testing.assert_close(opaque.logps, direct.logps, atol=ATOL, rtol=0)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aligntk import ComponentConfig, PluginError, RunInfo, hookimpl, load_plugins
+from aligntk import ComponentConfig, PluginError, RunInfo, hookimpl, load_plugins, part
 
 
 class _Loss:
@@ -148,3 +148,88 @@ def test_raising_registration_hook_marks_plugin_broken_with_no_components(tmp_pa
 
     plugins.on_step_end(run=run_info(tmp_path), step=3, metrics={"loss": 1.0})
     assert good.steps == [3] and raising.steps == []
+
+
+# --------------------------------------------------------------------------------------
+# Parts: nested components of kinds a plugin defines (aligntk_register_parts)
+# --------------------------------------------------------------------------------------
+
+
+class _Scaler:
+    """A part of a kind this test's plugin makes up: ``scaler``."""
+
+    class Config(ComponentConfig):
+        factor: float = 2.0
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+class ScalerPlugin:
+    """Defines a part kind of its own, and a loss whose option names one of them."""
+
+    @hookimpl
+    def aligntk_register_parts(self, register: Any) -> None:
+        register("scaler", "double", _Scaler)
+
+    @hookimpl
+    def aligntk_register_losses(self, register: Any) -> None:
+        register("scaled_loss", _ScaledLoss)
+
+
+class _ScaledLoss:
+    class Config(ComponentConfig):
+        scaler: part("scaler") = "double"
+
+
+class AnotherDouble:
+    @hookimpl
+    def aligntk_register_parts(self, register: Any) -> None:
+        register("scaler", "double", _Scaler)
+
+
+class PartOfAComponentKind:
+    @hookimpl
+    def aligntk_register_parts(self, register: Any) -> None:
+        register("loss", "sneaky", _Loss)
+
+
+def test_a_plugin_defined_part_kind_is_registered_and_chosen_by_name() -> None:
+    plugins = load_plugins(extra={"scalers": ScalerPlugin()})
+    found = plugins.registry.components["scaler"]["double"]
+    assert (found.cls, found.plugin, found.part) == (_Scaler, "scalers", True)
+    assert "scaler" in plugins.registry.part_kinds()
+    context = {"registry": plugins.registry}
+    chosen = _ScaledLoss.Config.model_validate({"scaler": {"name": "double", "factor": 3.0}}, context=context)
+    assert chosen.scaler.build().config.factor == 3.0
+    with pytest.raises(ValueError, match=r"unknown scaler 'dubble', did you mean 'double'\?"):
+        _ScaledLoss.Config.model_validate({"scaler": "dubble"}, context=context)
+
+
+def test_a_part_of_a_kind_nobody_registers_says_so_with_the_closest_kind() -> None:
+    registry = load_plugins(extra={"scalers": ScalerPlugin()}).registry
+    message = registry.unknown("scalr", "double")
+    assert "no installed plugin registers parts of kind 'scalr', did you mean kind 'scaler'?" in message
+    assert "kl" in message and "advantage" in message  # the RL plugin's kinds are listed too
+
+
+def test_a_part_name_registered_twice_is_an_error_naming_both_plugins() -> None:
+    with pytest.raises(PluginError, match=r"scaler 'double' is registered twice: by plugin 'one' and by plugin 'two'"):
+        load_plugins(extra={"one": ScalerPlugin(), "two": AnotherDouble()})
+
+
+def test_a_part_may_not_take_a_component_kind() -> None:
+    plugins = load_plugins(extra={"sneaky": PartOfAComponentKind()})
+    error = broken_names(plugins)["sneaky"]
+    assert "aligntk_register_parts" in error and "kind 'loss', which is a component kind" in error
+    assert "sneaky" not in plugins.registry.components["loss"]
+    assert_builtins_work(plugins)
+
+
+def test_the_plugins_command_lists_parts_with_their_kind() -> None:
+    from click.testing import CliRunner
+
+    from aligntk.cli import main
+
+    listing = CliRunner().invoke(main, ["plugins"]).output
+    assert "    part      kl: k3" in listing and "    part      advantage: gae" in listing

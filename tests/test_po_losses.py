@@ -409,8 +409,15 @@ def test_reward_model_loss_rejects_a_causal_lm() -> None:
 def test_plugin_registers_its_components() -> None:
     from aligntk import load_plugins
 
-    registered = load_plugins(extra={"po": aligntk_po}).registry.by_plugin("po")
-    assert sorted(r.name for r in registered) == ["dpo", "preference", "reward_model", "simpo"]
+    # aligntk_po is installed through its entry point; passing it again as an extra would be
+    # refused as a second plugin named 'po', so the installed one is what is checked.
+    registered = load_plugins().registry.by_plugin("po")
+    assert {(r.kind, r.name): r.cls for r in registered} == {
+        ("data", "preference"): aligntk_po.PreferenceData,
+        ("loss", "dpo"): aligntk_po.DPOLoss,
+        ("loss", "simpo"): aligntk_po.SimPOLoss,
+        ("loss", "reward_model"): aligntk_po.RewardModelLoss,
+    }
 
 
 @pytest.mark.parametrize("name", ["dpo", "simpo"])

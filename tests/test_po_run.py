@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from aligntk_po import DPOLoss
+from helpers import assert_same_weights
 
 from aligntk import hookimpl
 from aligntk.testing import read_metrics, run_recipe, write_tiny_assets
@@ -115,8 +115,6 @@ class CountingPlugin:
 def test_cached_reference_runs_once_per_example_and_trains_like_live(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from safetensors.torch import load_file
-
     recipe = preference_recipe(tmp_path, rows=16)  # 16 train + 8 eval pairs
     recipe["loss"] = {"name": "counting_dpo"}
     # 12 steps of 4 pairs = 3 epochs, with two evaluations.
@@ -139,9 +137,6 @@ def test_cached_reference_runs_once_per_example_and_trains_like_live(
         )
     assert CountingDPO.live_calls > 12  # every training micro-batch and every eval batch
     assert caplog.text.count("released the frozen") == 1  # the live reference stays
-    a = load_file(str(cached.run_dir / "model" / "model.safetensors"))
-    b = load_file(str(live.run_dir / "model" / "model.safetensors"))
-    for name in a:
-        assert (a[name] - b[name]).abs().max() < 1e-4, name
+    assert_same_weights(cached.run_dir, live.run_dir, atol=1e-4)
     for x, y in zip(read_metrics(cached.run_dir), read_metrics(live.run_dir)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)

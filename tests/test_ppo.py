@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from aligntk_rl import PPOLoss
+from aligntk_rl import PPOLoss, Scored
 from aligntk_rl.estimators import (
     AggregationConfig,
     FixedLength,
@@ -22,10 +22,10 @@ from aligntk_rl.estimators import (
     gae,
 )
 from aligntk_rl.loss import GRPOConfig
+from helpers import OnesPlugin, assert_same_weights, token_logps
 from safetensors.torch import load_file
-from test_rl import OnesPlugin
 
-from aligntk import AligntkError, ComponentConfig, Models, RecipeError, Scored, hookimpl, load_plugins
+from aligntk import AligntkError, ComponentConfig, Models, RecipeError, hookimpl, load_plugins
 from aligntk.recipe import validate_recipe
 from aligntk.testing import char_tokenizer, read_metrics, run_recipe, tiny_model
 
@@ -134,8 +134,6 @@ def test_ppo_first_step_is_the_advantage_weighted_logprob_gradient() -> None:
     labels = ids.clone()
     labels[:, :4] = -100
     with torch.no_grad():
-        from test_rl import token_logps
-
         old = token_logps(model(input_ids=ids).logits, ids)
     mask = (labels != -100).float()
     adv = torch.linspace(-1, 1, ids.size(1))[None] * mask
@@ -184,23 +182,37 @@ def test_several_optimizer_steps_per_rollout_batch(tiny: dict[str, Any]) -> None
     assert records[1]["clip_fraction"] > 0.0 or records[2]["clip_fraction"] > 0.0  # the policy moved off them
 
 
-def test_ppo_resume_ends_with_the_same_weights_and_value_head(tiny: dict[str, Any], tmp_path: Path) -> None:
-    from test_engine import assert_same_weights
-
+def _full_and_resumed(recipe: dict[str, Any], tmp_path: Path) -> tuple[Any, Any]:
+    """An uninterrupted 6-step run, and one interrupted after step 5 and resumed from step 4."""
     from aligntk.testing import InterruptAt
 
-    recipe = _ppo_recipe(tiny, iterations=2)
     common = ["train.max_steps=6", "train.batch_size=4", "train.save_every=2"]
     plugins = {"ones": OnesPlugin()}
     full = run_recipe(recipe, [*common, f"output_dir={tmp_path / 'full'}"], plugins=plugins)
     broken = tmp_path / "broken"
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, [*common, f"output_dir={broken}"], plugins={**plugins, "crash": InterruptAt(5)})
-    resumed = run_recipe(recipe, [*common, f"output_dir={broken}"], plugins=plugins, resume=True)
+    return full, run_recipe(recipe, [*common, f"output_dir={broken}"], plugins=plugins, resume=True)
+
+
+def test_ppo_resume_ends_with_the_same_weights_and_value_head(tiny: dict[str, Any], tmp_path: Path) -> None:
+    full, resumed = _full_and_resumed(_ppo_recipe(tiny, iterations=2), tmp_path)
     assert_same_weights(full.run_dir, resumed.run_dir)
     a = load_file(str(full.run_dir / "model" / "heads.safetensors"))
     b = load_file(str(resumed.run_dir / "model" / "heads.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_inside_a_rollout_block_trains_on_the_same_rollouts(tiny: dict[str, Any], tmp_path: Path) -> None:
+    # iterations 3: steps 4, 5, 6 share one block of rollouts; the step-4 checkpoint is inside
+    # it. Re-sampling at step 5 with the resumed policy would give other rollouts and weights.
+    full, resumed = _full_and_resumed(_ppo_recipe(tiny, iterations=3), tmp_path)
+    state = torch.load(resumed.run_dir / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
+    assert state["data"]["block"] == 1 and len(state["data"]["batches"]) == 1  # the block of steps 4-6
+    assert_same_weights(full.run_dir, resumed.run_dir)
+    tail = {r["step"]: r for r in read_metrics(resumed.run_dir)}
+    for r in read_metrics(full.run_dir):
+        assert tail[r["step"]]["loss"] == r["loss"]
 
 
 def test_value_estimators_need_the_value_head_and_ppo_needs_returns(tiny: dict[str, Any]) -> None:
@@ -236,8 +248,8 @@ class RewardAsAdvantage:
 
 class ReinforcePlugin:
     @hookimpl
-    def aligntk_register_advantages(self, register: Any) -> None:
-        register("reinforce", RewardAsAdvantage)
+    def aligntk_register_parts(self, register: Any) -> None:
+        register("advantage", "reinforce", RewardAsAdvantage)
 
 
 def test_a_plugin_registered_estimator_is_chosen_by_name(tiny: dict[str, Any]) -> None:

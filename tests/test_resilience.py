@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import assert_same_weights
 from safetensors.torch import load_file
 
-from aligntk import AligntkError, LossOutput, TrainingError, hookimpl
+from aligntk import AligntkError, LossCapabilities, LossOutput, TrainingError, hookimpl
 from aligntk import checkpoint as ckpt
 from aligntk.recipe import apply_override
 from aligntk.testing import InterruptAt, char_tokenizer, read_metrics, run_recipe, tiny_model, write_tiny_assets
@@ -41,17 +42,6 @@ def _recipe(base: dict[str, Any], out: Path, overrides: list[str] = COMMON) -> d
         apply_override(raw, override)
     raw["output_dir"] = str(out)
     return raw
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model" / "model.safetensors"))
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +92,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(
 
     resumed = run_recipe(recipe, resume=True)
     assert resumed.steps == 9
-    _assert_same_weights(reference, resumed.run_dir)
+    assert_same_weights(reference, resumed.run_dir)
     # Every step is recorded once, every line is whole JSON, no temporary folder is left.
     assert [r["step"] for r in read_metrics(resumed.run_dir)] == list(range(1, 10))
     assert [r["loss"] for r in read_metrics(resumed.run_dir)] == [r["loss"] for r in read_metrics(reference)]
@@ -139,7 +129,7 @@ def test_sigterm_writes_a_checkpoint_at_the_step_reached_and_resumes_exactly(
     assert read_metrics(tmp_path / "run")[-1]["step"] == step
 
     resumed = run_recipe(recipe, resume=True)
-    _assert_same_weights(reference, resumed.run_dir)
+    assert_same_weights(reference, resumed.run_dir)
 
 
 # -- damaged checkpoints ----------------------------------------------------------------
@@ -178,7 +168,7 @@ def test_a_damaged_latest_checkpoint_is_passed_over_for_the_newest_good_one(
         resumed = run_recipe(recipe, resume=True)
     warned = [r.getMessage() for r in caplog.records if "skipping damaged checkpoint" in r.getMessage()]
     assert len(warned) == 1 and str(newest) in warned[0] and "\n" not in warned[0]
-    _assert_same_weights(reference, resumed.run_dir)
+    assert_same_weights(reference, resumed.run_dir)
 
 
 def test_a_checkpoint_without_a_manifest_is_still_loaded_and_a_corrupt_one_passed_over(
@@ -195,7 +185,7 @@ def test_a_checkpoint_without_a_manifest_is_still_loaded_and_a_corrupt_one_passe
     with caplog.at_level(logging.WARNING, logger="aligntk"):
         resumed = run_recipe(recipe, resume=True)
     assert any("step-00000006/model.safetensors: cannot be read" in r.getMessage() for r in caplog.records)
-    _assert_same_weights(reference, resumed.run_dir)
+    assert_same_weights(reference, resumed.run_dir)
 
 
 def test_when_every_checkpoint_is_damaged_resume_fails_in_one_line(assets: dict[str, Any], tmp_path: Path) -> None:
@@ -243,6 +233,10 @@ class NaNAt:
         plugin = self
 
         class NaNLoss(SFTLoss):
+            @classmethod
+            def capabilities(cls, config: Any) -> LossCapabilities:
+                return LossCapabilities(scheduled=True)
+
             def start_step(self, step: int, max_steps: int) -> None:
                 plugin.step = step
 

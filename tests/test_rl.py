@@ -11,15 +11,10 @@ import torch
 from aligntk_rl import GRPOLoss, RolloutData
 from aligntk_rl.estimators import K1, K2, K3, KLConfig, group_advantages, rloo_advantages
 
-from aligntk import ComponentConfig, Models, hookimpl
+from helpers import OnesPlugin, token_logps
+
+from aligntk import Models
 from aligntk.testing import char_tokenizer, read_metrics, run_recipe, tiny_model
-
-
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Independent reference: every token's log-prob from full logits, ``[B, T]``, position 0 is 0."""
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return torch.nn.functional.pad(picked, (1, 0))
 
 
 def test_kl_estimators_known_values() -> None:
@@ -96,28 +91,6 @@ def test_kl_penalty_is_zero_against_itself_and_counts_units() -> None:
     assert seq.count(batch).item() == 3
 
 
-class OnesConfig(ComponentConfig):
-    pass
-
-
-class Ones:
-    """A reward that is easy to move: the share of '1' characters in the completion."""
-
-    Config = OnesConfig
-
-    def __init__(self, config: OnesConfig):
-        pass
-
-    def __call__(self, prompts: Any, completions: Any, **fields: Any) -> torch.Tensor:
-        return torch.tensor([c.count("1") / max(len(c), 1) for c in completions])
-
-
-class OnesPlugin:
-    @hookimpl
-    def aligntk_register_rewards(self, register: Any) -> None:
-        register("ones", Ones)
-
-
 def test_a_short_grpo_run_raises_the_mean_reward(tiny: dict[str, Any]) -> None:
     folder = Path(tiny["data"]["path"]).parent
     recipe = {
@@ -134,22 +107,52 @@ def test_a_short_grpo_run_raises_the_mean_reward(tiny: dict[str, Any]) -> None:
     assert {"kl", "clip_fraction", "entropy", "completion_length", "reward"} <= record.keys()
 
 
-def test_a_trained_reward_model_scores_rollouts(tiny: dict[str, Any], tmp_path: Path) -> None:
-    from aligntk_rl import RewardModelScore
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def _preference_pairs(path: Path, n: int, seed: int) -> list[tuple[str, str, str]]:
+    """Pairs that prefer a '1' (the ``ones`` reward's taste): chosen is rejected with one digit made '1'."""
+    import json
+    import random
 
-    tok = char_tokenizer("0123456789+=")
-    config = AutoConfig.for_model(
-        "llama", vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
-    )
-    folder = tmp_path / "rm"
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    reward = RewardModelScore(RewardModelScore.Config(path=folder))
-    scores = reward(["1+1=", "2+2="], ["2", "5"])
-    assert scores.shape == (2,) and torch.isfinite(scores).all()
-    assert scores[0] != scores[1]
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        a, b = rng.randrange(50), rng.randrange(50)
+        rejected = "".join(rng.choice("023456789") for _ in range(rng.randint(1, 3)))
+        at = rng.randrange(len(rejected))
+        pairs.append((f"{a}+{b}=", rejected[:at] + "1" + rejected[at + 1 :], rejected))
+    with path.open("w") as f:
+        for prompt, chosen, rejected in pairs:
+            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    return pairs
+
+
+def test_a_trained_reward_model_scores_rollouts(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """Train a one-score reward model through the engine, then score held-out pairs with the reward."""
+    from aligntk_rl import RewardModelScore
+
+    folder = Path(tiny["data"]["path"]).parent
+    _preference_pairs(folder / "prefs.jsonl", 64, seed=0)
+    held_out = _preference_pairs(folder / "prefs_eval.jsonl", 32, seed=1)
+    recipe = {
+        **tiny,
+        "output_dir": str(tmp_path / "rm"),
+        "model": {**tiny["model"], "task": "sequence_classification", "num_labels": 1},
+        "data": {"name": "preference", "path": str(folder / "prefs.jsonl"),
+                 "eval_path": str(folder / "prefs_eval.jsonl"), "max_length": 16},
+        "loss": {"name": "reward_model"},
+        "update": {"name": "full", "learning_rate": 3e-3, "warmup_steps": 0},
+    }
+    result = run_recipe(recipe, ["train.max_steps=20", "train.batch_size=16"])
+    before = read_metrics(result.run_dir, split="eval")[0]
+    assert before["step"] == 0
+
+    reward = RewardModelScore(RewardModelScore.Config(path=result.run_dir / "model"))
+    prompts = [p for p, _, _ in held_out]
+    chosen = reward(prompts, [c for _, c, _ in held_out])
+    rejected = reward(prompts, [r for _, _, r in held_out])
+    assert chosen.shape == rejected.shape == (32,) and torch.isfinite(chosen).all()
+    accuracy = (chosen > rejected).float().mean().item()
+    # Far above chance (0.5) and above the untrained model on the same pairs.
+    assert accuracy >= 0.9 and accuracy > before["eval_accuracy"] + 0.2, (accuracy, before)
 
 
 def test_chunked_grpo_loss_equals_the_plain_one() -> None:

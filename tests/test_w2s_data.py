@@ -13,8 +13,9 @@ import torch
 from aligntk import DataContext, DataError, Example, load_plugins
 from aligntk.testing import char_tokenizer
 
+from aligntk_eval import Accuracy
 from aligntk_w2s.data import ClassificationData, ClassificationDataConfig
-from aligntk_w2s.labelling import Accuracy, label_examples, write_labels
+from aligntk_w2s.labelling import label_examples, write_labels
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -131,7 +132,7 @@ def test_label_examples_writes_a_file_the_data_reads(tmp_path: Path) -> None:
 
 
 def test_label_tokens_of_a_causal_lm_classify(tmp_path: Path) -> None:
-    from aligntk_w2s.data import class_logits
+    from aligntk import class_logits
 
     from aligntk.testing import read_metrics, run_recipe, tiny_model, write_tiny_assets
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from aligntk.metrics import available_metrics, load_metric
+from aligntk_w2s.metrics import available_metrics, load_metric
 
 
 def test_pgr_is_shipped() -> None:

@@ -15,8 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aligntk import RunInfo, hookimpl
-from aligntk.hookspecs import Register, RegisterOptions
+from aligntk import Register, RegisterOptions, RunInfo, hookimpl
 
 from .forgetting import GeneralPerplexity, ParameterDrift
 from .rules import DiagnosticsConfig, Finding

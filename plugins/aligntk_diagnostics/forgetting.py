@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import PositiveInt
 
-from aligntk import ComponentConfig, DataError, Example, LocalFile
+from aligntk import ComponentConfig, DataError, Example, LocalFile, token_logps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,13 +76,10 @@ class GeneralPerplexity:
             enc = tokenizer(
                 chunk, truncation=True, max_length=self.config.max_length, padding=True, return_tensors="pt"
             )
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            nll += torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((targets != -100).sum())
+            # Every real token after the first is a target (token_logps: targets from the mask).
+            out = token_logps(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), chunk_size="auto")
+            nll -= out.logps.sum().item()
+            count += int(out.mask.sum())
         if count == 0:
             raise DataError(f"{self.config.path}: no text has two tokens or more")
         ppl = math.exp(nll / count)

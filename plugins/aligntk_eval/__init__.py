@@ -1,4 +1,4 @@
-"""Built-in evaluators: greedy generation scored by exact match.
+"""Built-in evaluators: greedy generation scored by exact match, and a classifier's accuracy.
 
 Registered through the ``aligntk`` entry-point group like any third-party plugin, and
 imports only aligntk's public API.
@@ -7,19 +7,21 @@ imports only aligntk's public API.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import PositiveInt
 
-from aligntk.errors import DataError
-from aligntk.generation import left_pad
-from aligntk.hookspecs import Register
-from aligntk.plugins import hookimpl
-from aligntk.types import ComponentConfig, Example
+from aligntk import ComponentConfig, DataError, EvaluatorCapabilities, Example, Register, hookimpl, left_pad, load_metric
+
+from .accuracy import Accuracy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+#: The example fields ``exact_match`` reads: the prompt to generate from and the answer.
+EXAMPLE_FIELDS = frozenset({"prompt_ids", "reference"})
 
 
 class GenerationExactMatch:
@@ -30,7 +32,7 @@ class GenerationExactMatch:
     answer). Prompts are left-padded into batches so that every sequence's new tokens
     start at the same column; ``generate`` derives position ids from the attention mask,
     so padding does not shift positions. The score is the fraction of generated answers
-    equal to the reference after stripping whitespace (``aligntk.metrics`` ``exact_match``).
+    equal to the reference after stripping whitespace (``aligntk.load_metric("exact_match")``).
     """
 
     class Config(ComponentConfig):
@@ -50,8 +52,10 @@ class GenerationExactMatch:
         stop_at_newline: bool = True
 
     config: Config
-    #: The example fields this evaluator reads.
-    requires: ClassVar[frozenset[str]] = frozenset({"prompt_ids", "reference"})
+
+    @classmethod
+    def capabilities(cls, config: Config) -> EvaluatorCapabilities:
+        return EvaluatorCapabilities(requires=EXAMPLE_FIELDS)
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -69,8 +73,6 @@ class GenerationExactMatch:
         Raises:
             DataError: there are no examples, or one lacks a required field.
         """
-        from aligntk.metrics import load_metric  # imports `evaluate`, slow: only when scoring
-
         examples = self._selected(examples)
         predictions = self.generate(model, tokenizer, examples)
         references = [str(ex["reference"]) for ex in examples]
@@ -124,7 +126,7 @@ class GenerationExactMatch:
         if len(selected) == 0:
             raise DataError("the exact_match evaluator got no evaluation examples")
         for i, ex in enumerate(selected):
-            missing = self.requires - ex.keys()
+            missing = EXAMPLE_FIELDS - ex.keys()
             if missing:
                 raise DataError(f"evaluation example {i} lacks {sorted(missing)}, needed by exact_match")
         return selected
@@ -152,3 +154,4 @@ def _pad_and_eos(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int | None]:
 @hookimpl
 def aligntk_register_evaluators(register: Register) -> None:
     register("exact_match", GenerationExactMatch)
+    register("accuracy", Accuracy)

@@ -12,8 +12,7 @@ The tensor math lives in ``aligntk_po.losses`` as pure functions.
 
 from __future__ import annotations
 
-from aligntk import hookimpl
-from aligntk.hookspecs import Register
+from aligntk import Register, hookimpl
 
 from .data import PreferenceData
 from .loss import DPOLoss, RewardModelLoss, SimPOLoss

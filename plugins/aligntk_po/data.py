@@ -21,17 +21,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import PositiveInt
 
-from aligntk import Batch, DataContext, DataError, DataReport, DataSplits, Example
-from aligntk.datafiles import FileDataConfig, describe_type, keep_fitting, load_splits, read_rows, require_pad_token
+from aligntk import (
+    IGNORE_INDEX,
+    Batch,
+    DataContext,
+    DataError,
+    DataReport,
+    DataSplits,
+    Example,
+    FileDataConfig,
+    Truncation,
+    check_messages,
+    describe_type,
+    has_targets,
+    keep_fitting,
+    load_splits,
+    pad_tokens,
+    read_rows,
+    render_chat,
+    require_pad_token,
+    truncation_cut,
+)
 
-IGNORE_INDEX = -100
-
-Truncation = Literal["right", "left", "drop", "error"]
 SIDES = ("chosen", "rejected")
 
 
@@ -152,7 +168,7 @@ class PreferenceData:
         messages = _check_messages(prompt, where, c.prompt_key, last_not="assistant")
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{where}: the prompt is a list of messages but the tokenizer has no chat template")
-        prompt_text = _render(tokenizer, messages, where, generation_prompt=True)
+        prompt_text = render_chat(tokenizer, messages, where, generation_prompt=True)
         completions: dict[str, list[int]] = {}
         replies: dict[str, list[dict[str, Any]]] = {}
         for side, key in zip(SIDES, (c.chosen_key, c.rejected_key)):
@@ -160,7 +176,7 @@ class PreferenceData:
             if isinstance(value, str):
                 value = [{"role": "assistant", "content": value}]
             reply = _check_messages(value, where, key, only="assistant")
-            full = _render(tokenizer, [*messages, *reply], where)
+            full = render_chat(tokenizer, [*messages, *reply], where)
             if not full.startswith(prompt_text):
                 raise DataError(
                     f"{where}: the chat template's rendering of the prompt with the generation prompt is not a "
@@ -177,29 +193,18 @@ class PreferenceData:
 
     def _fit(self, enc: _Encoded, report: DataReport) -> Example | None:
         """Apply the truncation policy; ``None`` for a pair skipped (and counted in ``report``)."""
-        limit, policy = self.config.max_length, self.config.truncation
+        limit = self.config.max_length
         longest = len(enc.prompt_ids) + max(len(ids) for ids in enc.completions.values())
-        prompt = enc.prompt_ids
-        if longest > limit:
-            if policy == "drop":
-                report.skip("longer than max_length")
-                return None
-            if policy == "error":
-                raise DataError(
-                    f"{enc.where}: {longest} tokens, longer than max_length {limit}; raise data.max_length "
-                    "or set data.truncation to right, left or drop"
-                )
-            if policy == "left":
-                # Cut the same prompt tokens from both sides so they still share a prompt.
-                prompt = prompt[min(longest - limit, len(prompt)) :]
+        # The longer side decides; the same prompt tokens go from both, so they still share a prompt.
+        cut = truncation_cut(longest, len(enc.prompt_ids), limit, self.config.truncation, enc.where, report)
+        if cut is None:
+            return None
+        prompt = enc.prompt_ids[cut:]
         example: Example = {"prompt_ids": enc.prompt_ids, "reference": enc.reference, "margin": enc.margin}
         for side, completion in enc.completions.items():
             ids = [*prompt, *completion][:limit]
-            labels = [IGNORE_INDEX] * len(prompt) + list(completion)
-            labels = labels[:limit]
-            # The first label is never a target (nothing predicts it).
-            if all(label == IGNORE_INDEX for label in labels[1:]):
-                report.skip("no completion tokens after truncation")
+            labels = ([IGNORE_INDEX] * len(prompt) + list(completion))[:limit]
+            if not has_targets(labels, report):
                 return None
             example[f"{side}_input_ids"] = ids
             example[f"{side}_labels"] = labels
@@ -227,16 +232,13 @@ class PreferenceData:
         width = max(len(e[f"{side}_input_ids"]) for e in examples for side in SIDES)
         batch: Batch = {}
         for side in SIDES:
-            ids, mask, labels = [], [], []
-            for e in examples:
-                n = len(e[f"{side}_input_ids"])
-                pad = width - n
-                ids.append([*e[f"{side}_input_ids"], *[self.pad_token_id] * pad])
-                mask.append([1] * n + [0] * pad)
-                labels.append([*e[f"{side}_labels"], *[IGNORE_INDEX] * pad])
-            batch[f"{side}_input_ids"] = torch.tensor(ids, dtype=torch.long)
-            batch[f"{side}_attention_mask"] = torch.tensor(mask, dtype=torch.long)
-            batch[f"{side}_labels"] = torch.tensor(labels, dtype=torch.long)
+            padded = pad_tokens(
+                [e[f"{side}_input_ids"] for e in examples],
+                self.pad_token_id,
+                [e[f"{side}_labels"] for e in examples],
+                width=width,
+            )
+            batch.update({f"{side}_{name}": value for name, value in padded.items()})
         batch["margin"] = torch.tensor([float(e["margin"]) for e in examples], dtype=torch.float32)
         return batch
 
@@ -260,28 +262,8 @@ def _margin(value: Any, where: str, key: str) -> float:
 def _check_messages(
     messages: Any, where: str, key: str, only: str | None = None, last_not: str | None = None
 ) -> list[dict[str, Any]]:
-    if not isinstance(messages, list):
-        raise DataError(f"{where}: {key!r} must be a string or a list of messages, got {describe_type(messages)}")
-    if not messages:
-        raise DataError(f"{where}: {key!r} is an empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise DataError(
-                f"{where}: {key}[{i}] must be an object with 'role' and 'content', got {describe_type(message)}"
-            )
-        for field in ("role", "content"):
-            value = message.get(field)
-            if not isinstance(value, str):
-                raise DataError(f"{where}: {key}[{i}].{field} must be a string, got {describe_type(value)}")
-        if only is not None and message["role"] != only:
-            raise DataError(f"{where}: {key}[{i}] must be an {only} message, got role {message['role']!r}")
+    """Checked messages (``aligntk.check_messages``), all of role ``only``, not ending with ``last_not``."""
+    messages = check_messages(messages, where, key, expected="a string or a list of messages", role=only)
     if last_not is not None and messages[-1]["role"] == last_not:
         raise DataError(f"{where}: {key!r} must not end with an {last_not} message (the replies are chosen/rejected)")
     return messages
-
-
-def _render(tokenizer: Any, messages: list[dict[str, Any]], where: str, generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as exc:  # templates raise whatever their authors chose
-        raise DataError(f"{where}: the chat template failed on this conversation: {exc}") from None

@@ -12,9 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from aligntk import ComponentConfig, LossOutput, Models
-from aligntk.logprobs import ChunkSize, resolve_chunk_size, token_logps
-from aligntk.types import Batch
+from aligntk import Batch, ChunkSize, ComponentConfig, LossCapabilities, LossOutput, Models, token_logps
 
 from .losses import (
     LossType,
@@ -22,7 +20,6 @@ from .losses import (
     implicit_rewards,
     label_counts,
     preference_loss,
-    sequence_logps,
     simpo_loss,
 )
 
@@ -58,16 +55,11 @@ def _pair_logps(
     """``[B]`` summed log-probs of the chosen and of the rejected completions under ``model``.
 
     A chunk size above 0 applies the output layer chunk by chunk over the labelled tokens
-    (``aligntk.logprobs``); ``0`` computes the full ``[2B, T, V]`` logits.
+    (``aligntk.token_logps``); ``0`` computes the full ``[2B, T, V]`` logits.
     """
-    chunk_size = resolve_chunk_size(model, chunk_size)
-    if chunk_size == 0:
-        out = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"], use_cache=False)
-        logps = sequence_logps(out.logits, joined["labels"])
-    else:
-        logps = token_logps(
-            model, joined["input_ids"], joined["attention_mask"], labels=joined["labels"], chunk_size=chunk_size
-        ).logps.sum(-1)
+    logps = token_logps(
+        model, joined["input_ids"], joined["attention_mask"], labels=joined["labels"], chunk_size=chunk_size
+    ).logps.sum(-1)
     chosen, rejected = logps.chunk(2, dim=0)
     return chosen, rejected
 
@@ -77,7 +69,7 @@ class ChunkedConfig(ComponentConfig):
 
     Attributes:
         chunk_size: apply the output layer to this many labelled tokens at a time
-            (``aligntk.logprobs``), so full ``[2B, T, V]`` float32 logits never exist;
+            (``aligntk.token_logps``), so full ``[2B, T, V]`` float32 logits never exist;
             ``0`` computes the full logits (the plain path); ``auto`` chunks by 1024 from
             a 16k vocabulary up (``resolve_chunk_size``).
     """
@@ -128,11 +120,17 @@ class DPOLoss:
     requires = PAIR_FIELDS
     roles = ("policy", "reference")
 
+    @classmethod
+    def capabilities(cls, config: DPOConfig) -> LossCapabilities:
+        # A cached reference is computed once per example; the engine then frees the model.
+        cached = config.reference == "cached"
+        return LossCapabilities(precompute=cached, live_roles=("policy",) if cached else None)
+
     def __init__(self, config: DPOConfig):
         self.config = config
-        if config.reference == "cached":
-            self.precompute = self.reference_logps  # the engine runs it once per example
-            self.live_roles = ("policy",)  # then the engine frees the reference model
+
+    def precompute(self, models: Models, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.reference_logps(models, batch)
 
     def reference_logps(self, models: Models, batch: Batch) -> dict[str, torch.Tensor]:
         """``[B]`` reference log-probabilities of chosen and rejected, for the engine's cache."""

@@ -19,14 +19,14 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from aligntk import IGNORE_INDEX, logps_from_logits
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each sequence's labelled tokens.
+    """Summed log-probability of each sequence's labelled tokens (the plain path, ``aligntk.logps_from_logits``).
 
     Logits are upcast to float32 before the log-softmax.
 
@@ -37,13 +37,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B]`` float32: ``sum_t log p(labels[t + 1] | inputs[:t + 1])`` over labelled ``t + 1``.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    # -100 is not a valid index: gather at 0 and zero those positions afterwards.
-    safe = shift_labels.masked_fill(~mask, 0)
-    per_token = shift_logits.log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)
+    return logps_from_logits(logits, labels).logps.sum(-1)
 
 
 def label_counts(labels: torch.Tensor) -> torch.Tensor:

@@ -2,23 +2,34 @@
 
 Registers data ``rollout``; losses ``grpo`` and ``ppo`` (with a learned value head);
 rewards ``exact_answer`` and ``reward_model`` (a model trained with the
-``reward_model`` loss); advantage estimators ``group``, ``rloo`` and ``gae``; KL
-estimators ``k1``, ``k2``, ``k3``; aggregations ``token``, ``sequence`` and
-``fixed_length``. The estimators and aggregations are components of their own, so
-every online method picks them by name and methods compare under the same ones.
+``reward_model`` loss); and parts (``aligntk_register_parts``) of three kinds it
+defines (protocols in ``aligntk_rl.protocols``): advantage estimators ``group``, ``rloo``
+and ``gae``; KL estimators ``k1``, ``k2``, ``k3``; aggregations ``token``, ``sequence``
+and ``fixed_length``. Every online method picks them by name, and methods compare
+under the same ones; another plugin adds its own by registering a part of the same kind.
 """
 
 from __future__ import annotations
 
-from aligntk import hookimpl
-from aligntk.hookspecs import Register
+from aligntk import Register, RegisterPart, hookimpl
 
 from . import estimators as est
 from .data import RolloutData
 from .loss import GRPOLoss, PPOLoss
+from .protocols import AdvantageEstimator, Aggregation, KLEstimator, Scored
 from .rewards import ExactAnswer, RewardModelScore
 
-__all__ = ["ExactAnswer", "GRPOLoss", "PPOLoss", "RewardModelScore", "RolloutData"]
+__all__ = [
+    "AdvantageEstimator",
+    "Aggregation",
+    "ExactAnswer",
+    "GRPOLoss",
+    "KLEstimator",
+    "PPOLoss",
+    "RewardModelScore",
+    "RolloutData",
+    "Scored",
+]
 
 
 @hookimpl
@@ -39,21 +50,13 @@ def aligntk_register_rewards(register: Register) -> None:
 
 
 @hookimpl
-def aligntk_register_advantages(register: Register) -> None:
-    register("group", est.GroupAdvantage)
-    register("rloo", est.RLOOAdvantage)
-    register("gae", est.GAEAdvantage)
-
-
-@hookimpl
-def aligntk_register_kl_estimators(register: Register) -> None:
-    register("k1", est.K1)
-    register("k2", est.K2)
-    register("k3", est.K3)
-
-
-@hookimpl
-def aligntk_register_aggregations(register: Register) -> None:
-    register("token", est.TokenMean)
-    register("sequence", est.SequenceMean)
-    register("fixed_length", est.FixedLength)
+def aligntk_register_parts(register: RegisterPart) -> None:
+    register("advantage", "group", est.GroupAdvantage)
+    register("advantage", "rloo", est.RLOOAdvantage)
+    register("advantage", "gae", est.GAEAdvantage)
+    register("kl", "k1", est.K1)
+    register("kl", "k2", est.K2)
+    register("kl", "k3", est.K3)
+    register("aggregation", "token", est.TokenMean)
+    register("aggregation", "sequence", est.SequenceMean)
+    register("aggregation", "fixed_length", est.FixedLength)

@@ -9,20 +9,27 @@ import torch
 from pydantic import Field, PositiveInt
 
 from aligntk import (
+    IGNORE_INDEX,
     Batch,
+    DataCapabilities,
     DataContext,
     DataError,
     DataSplits,
     Example,
+    FileDataConfig,
     Models,
-    Scored,
+    left_pad,
+    load_splits,
+    pad,
+    pad_tokens,
     part,
+    read_rows,
+    require_pad_token,
+    unwrap,
 )
-from aligntk.datafiles import FileDataConfig, load_splits, read_rows, require_pad_token
-from aligntk.generation import left_pad
-from aligntk.models import unwrap
 
 from .loss import policy_forward
+from .protocols import Scored
 
 
 class RolloutConfig(FileDataConfig):
@@ -60,9 +67,14 @@ class RolloutData:
         | {"old_values", "returns"}  # with a value-based estimator (gae)
     )
 
+    @classmethod
+    def capabilities(cls, config: RolloutConfig) -> DataCapabilities:
+        return DataCapabilities(
+            online=True, iterations=config.iterations, example_fields=frozenset({"prompt", "prompt_ids", "reference"})
+        )
+
     def __init__(self, config: RolloutConfig):
         self.config = config
-        self.iterations = config.iterations
         self.advantage = config.advantage.build()
 
     def load(self, ctx: DataContext) -> DataSplits:
@@ -111,7 +123,7 @@ class RolloutData:
             rewards += weight * torch.as_tensor(scores, dtype=torch.float32).cpu()
 
         rows = [
-            {"input_ids": e["prompt_ids"] + comp, "labels": [-100] * len(e["prompt_ids"]) + comp}
+            {"input_ids": e["prompt_ids"] + comp, "labels": [IGNORE_INDEX] * len(e["prompt_ids"]) + comp}
             for e, comp in zip(group, completions)
         ]
         batch = {k: v.to(device) for k, v in self.collate_tokens(rows).items()}
@@ -119,7 +131,7 @@ class RolloutData:
         sampled = policy_forward(policy, batch, value_head)
         old, values = sampled.logps, sampled.values
         ref = policy_forward(models["reference"], batch).logps if "reference" in models else old
-        mask = (batch["labels"] != -100).float()
+        mask = (batch["labels"] != IGNORE_INDEX).float()
         scored = Scored(rewards=rewards.to(device), group_size=g, mask=mask, logps=old, ref_logps=ref, values=values)
         advantages, returns = self.advantage(scored)
         per_token = {"old_logps": old, "ref_logps": ref, "advantages": advantages}
@@ -143,26 +155,22 @@ class RolloutData:
         return head
 
     def collate_tokens(self, rows: Sequence[Example]) -> Batch:
-        width = max(len(r["input_ids"]) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        return {
-            "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
-            "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]),
-        }
+        """``input_ids``, ``attention_mask`` and ``labels`` ``[B, T]``, right-padded (``aligntk.pad_tokens``)."""
+        return pad_tokens([r["input_ids"] for r in rows], self.tokenizer.pad_token_id, [r["labels"] for r in rows])
 
     def collate(self, examples: Sequence[Example]) -> Batch:
+        """The token fields, the per-token rollout fields ``[B, T]`` float32 (0 on padding), ``rewards`` ``[B]``."""
         batch = self.collate_tokens(examples)
         width = batch["input_ids"].size(1)
         for name in ("old_logps", "ref_logps", "advantages", "old_values", "returns"):
             if name in examples[0]:
-                batch[name] = torch.tensor([e[name] + [0.0] * (width - len(e[name])) for e in examples])
+                batch[name] = pad([e[name] for e in examples], 0.0, width=width, dtype=torch.float32)
         batch["rewards"] = torch.tensor([e["reward"] for e in examples])
         return batch
 
 
-def _until_eos(row: list[int], eos: int | None, pad: int) -> list[int]:
+def _until_eos(row: list[int], eos: int | None, pad_id: int) -> list[int]:
     """The completion up to and including its first EOS (the policy learns to stop)."""
     if eos is not None and eos in row:
         return row[: row.index(eos) + 1]
-    return [t for t in row if t != pad] or row[:1]
+    return [t for t in row if t != pad_id] or row[:1]

@@ -1,4 +1,4 @@
-"""Advantage estimators, KL estimators and loss aggregations: registered components.
+"""Advantage estimators, KL estimators and loss aggregations: registered parts.
 
 Every online method picks them by name (``advantage: rloo``, ``kl: k3``,
 ``aggregation: sequence``), so methods are compared under the same normalization.
@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, PositiveInt
 
-from aligntk import ComponentConfig, Scored
+from aligntk import ComponentConfig
+
+from .protocols import Scored
 
 
 class _Configured:

@@ -14,8 +14,19 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from aligntk import Batch, ComponentConfig, LossOutput, Models, TrainingError, part
-from aligntk.logprobs import ChunkSize, logps_from_logits, resolve_chunk_size, token_logps
+from aligntk import (
+    IGNORE_INDEX,
+    Batch,
+    ChunkSize,
+    ComponentConfig,
+    LossCapabilities,
+    LossOutput,
+    Models,
+    TrainingError,
+    logps_from_logits,
+    part,
+    token_logps,
+)
 
 from .estimators import clipped_surrogate, clipped_value_loss
 
@@ -53,14 +64,12 @@ def policy_forward(
     """Log-probs and entropy of the completion tokens (and values, with a value head).
 
     Without a value head the output layer runs in chunks on completion tokens only
-    (``aligntk.logprobs``), so a large vocabulary never costs ``[B, T, V]`` float32
+    (``aligntk.token_logps``), so a large vocabulary never costs ``[B, T, V]`` float32
     logits; a value head needs the last hidden states, so it takes the plain path.
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if value_head is None:
-        out = token_logps(
-            model, **inputs, labels=batch["labels"], chunk_size=resolve_chunk_size(model, chunk_size), with_entropy=True
-        )
+        out = token_logps(model, **inputs, labels=batch["labels"], chunk_size=chunk_size, with_entropy=True)
         return PolicyOutputs(out.logps, out.entropy)
     hidden_out = model(**inputs, use_cache=False, output_hidden_states=True)
     out = logps_from_logits(hidden_out.logits, batch["labels"], with_entropy=True)
@@ -104,7 +113,7 @@ class GRPOLoss:
         self.aggregate = config.aggregation.build()
 
     def count(self, batch: Batch) -> torch.Tensor:
-        return self.aggregate.count((batch["labels"] != -100).float())
+        return self.aggregate.count((batch["labels"] != IGNORE_INDEX).float())
 
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
         out = policy_forward(models.policy, batch, chunk_size=self.config.chunk_size)
@@ -114,7 +123,7 @@ class GRPOLoss:
     def policy_terms(self, out: PolicyOutputs, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         """The aggregated surrogate + KL penalty, and the metrics every online loss logs."""
         c = self.config
-        mask = (batch["labels"] != -100).float()
+        mask = (batch["labels"] != IGNORE_INDEX).float()
         surrogate, clipped = clipped_surrogate(
             out.logps, batch["old_logps"], batch["advantages"], c.epsilon, c.epsilon_high or c.epsilon
         )
@@ -159,6 +168,10 @@ class PPOLoss(GRPOLoss):
     Config = PPOConfig
     requires = GRPOLoss.requires | {"old_values", "returns"}
 
+    @classmethod
+    def capabilities(cls, config: PPOConfig) -> LossCapabilities:
+        return LossCapabilities(heads=True)
+
     def heads(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         return {"value": ValueHead(model.config.hidden_size)}
 
@@ -171,7 +184,7 @@ class PPOLoss(GRPOLoss):
         c = self.config
         out = policy_forward(models.policy, batch, models.heads["value"])
         loss_sum, metrics = self.policy_terms(out, batch)
-        mask = (batch["labels"] != -100).float()
+        mask = (batch["labels"] != IGNORE_INDEX).float()
         values = out.values
         assert values is not None
         value_loss, value_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], c.value_clip)

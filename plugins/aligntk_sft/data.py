@@ -10,17 +10,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import PositiveInt
 
-from aligntk import Batch, DataContext, DataError, DataReport, DataSplits, Example
-from aligntk.datafiles import FileDataConfig, describe_type, keep_fitting, load_splits, read_rows, require_pad_token
-
-IGNORE_INDEX = -100
-
-Truncation = Literal["right", "left", "drop", "error"]
+from aligntk import (
+    IGNORE_INDEX,
+    Batch,
+    DataCapabilities,
+    DataContext,
+    DataError,
+    DataReport,
+    DataSplits,
+    Example,
+    FileDataConfig,
+    Truncation,
+    check_messages,
+    describe_type,
+    has_targets,
+    keep_fitting,
+    load_splits,
+    pad_tokens,
+    read_rows,
+    render_chat,
+    require_pad_token,
+    truncation_cut,
+)
 
 
 class SFTDataConfig(FileDataConfig):
@@ -90,9 +106,13 @@ class SFTData:
     provides = frozenset({"input_ids", "attention_mask", "labels"})
 
     @classmethod
-    def provided_fields(cls, config: SFTDataConfig) -> frozenset[str]:
+    def capabilities(cls, config: SFTDataConfig) -> DataCapabilities:
         """Packed batches carry ``position_ids`` instead of an attention mask."""
-        return frozenset({"input_ids", "position_ids", "labels"}) if config.packing else cls.provides
+        packed = frozenset({"input_ids", "position_ids", "labels"})
+        return DataCapabilities(
+            provides=packed if config.packing else cls.provides,
+            example_fields=frozenset({"input_ids", "labels", "prompt_ids", "reference"}),
+        )
 
     def __init__(self, config: SFTDataConfig):
         self.config = config
@@ -188,24 +208,12 @@ class SFTData:
 
     def _fit(self, enc: _Encoded, report: DataReport) -> Example | None:
         """Apply the truncation policy; ``None`` for a row skipped (and counted in ``report``)."""
-        ids, labels = enc.input_ids, enc.labels
-        limit, policy = self.config.max_length, self.config.truncation
-        if len(ids) > limit:
-            if policy == "drop":
-                report.skip("longer than max_length")
-                return None
-            if policy == "error":
-                raise DataError(
-                    f"{enc.where}: {len(ids)} tokens, longer than max_length {limit}; raise data.max_length "
-                    "or set data.truncation to right, left or drop"
-                )
-            if policy == "left":
-                cut = min(len(ids) - limit, enc.prompt_len)
-                ids, labels = ids[cut:], labels[cut:]
-            ids, labels = ids[:limit], labels[:limit]
-        # The first label is never a target (nothing predicts it), so it alone teaches nothing.
-        if all(label == IGNORE_INDEX for label in labels[1:]):
-            report.skip("no completion tokens after truncation")
+        limit = self.config.max_length
+        cut = truncation_cut(len(enc.input_ids), enc.prompt_len, limit, self.config.truncation, enc.where, report)
+        if cut is None:
+            return None
+        ids, labels = enc.input_ids[cut:][:limit], enc.labels[cut:][:limit]
+        if not has_targets(labels, report):
             return None
         return {"input_ids": ids, "labels": labels, "prompt_ids": enc.prompt_ids, "reference": enc.reference}
 
@@ -225,19 +233,7 @@ class SFTData:
             raise RuntimeError("SFTData.collate needs load() first (it takes the pad token from the tokenizer)")
         if self.config.packing:
             return pack(examples)
-        width = max(len(e["input_ids"]) for e in examples)
-        input_ids, attention_mask, labels = [], [], []
-        for e in examples:
-            n = len(e["input_ids"])
-            pad = width - n
-            input_ids.append([*e["input_ids"], *[self.pad_token_id] * pad])
-            attention_mask.append([1] * n + [0] * pad)
-            labels.append([*e["labels"], *[IGNORE_INDEX] * pad])
-        return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-        }
+        return pad_tokens([e["input_ids"] for e in examples], self.pad_token_id, [e["labels"] for e in examples])
 
 
 def pack(examples: Sequence[Example]) -> Batch:
@@ -273,19 +269,8 @@ def pack(examples: Sequence[Example]) -> Batch:
 
 
 def _check_messages(messages: Any, where: str, key: str) -> list[dict[str, Any]]:
-    if not isinstance(messages, list):
-        raise DataError(f"{where}: {key!r} must be a list of messages, got {describe_type(messages)}")
-    if not messages:
-        raise DataError(f"{where}: {key!r} is an empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise DataError(
-                f"{where}: {key}[{i}] must be an object with 'role' and 'content', got {describe_type(message)}"
-            )
-        for field in ("role", "content"):
-            value = message.get(field)
-            if not isinstance(value, str):
-                raise DataError(f"{where}: {key}[{i}].{field} must be a string, got {describe_type(value)}")
+    """A conversation to learn from: checked messages, ending with the assistant's, not starting with it."""
+    messages = check_messages(messages, where, key)
     if messages[-1]["role"] != "assistant":
         raise DataError(
             f"{where}: the last message must be the assistant's (the completion to learn), "
@@ -316,20 +301,14 @@ def _assistant_spans(row: _Chat, tokenizer: Any) -> tuple[str, list[tuple[int, i
             "use a tokenizer with one, or prompt/completion rows"
         )
 
-    def render(messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as exc:  # templates raise whatever their authors chose (raise_exception, TypeError ...)
-            raise DataError(f"{row.where}: the chat template failed on this conversation: {exc}") from None
-
-    text = render(row.messages)
+    text = render_chat(tokenizer, row.messages, row.where)
     spans: list[tuple[int, int]] = []
     prompt_text = ""
     for i, message in enumerate(row.messages):
         if message["role"] != "assistant":
             continue
-        before = render(row.messages[:i], generation_prompt=True)
-        through = render(row.messages[: i + 1])
+        before = render_chat(tokenizer, row.messages[:i], row.where, generation_prompt=True)
+        through = render_chat(tokenizer, row.messages[: i + 1], row.where)
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
             raise DataError(
                 f"{row.where}: the tokenizer's chat template is not incremental (rendering the first {i} "

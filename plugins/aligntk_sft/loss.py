@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from aligntk import ComponentConfig, LossOutput, Models, TrainingError
-from aligntk.logprobs import ChunkSize, prepends_positions, resolve_chunk_size, token_logps
-from aligntk.types import Batch
-
-IGNORE_INDEX = -100
+from aligntk import (
+    IGNORE_INDEX,
+    Batch,
+    ChunkSize,
+    ComponentConfig,
+    LossOutput,
+    Models,
+    TrainingError,
+    logps_from_logits,
+    prepends_positions,
+    token_logps,
+)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token negative log-likelihood over labelled positions.
+    """Summed next-token negative log-likelihood over labelled positions (``aligntk.logps_from_logits``).
 
     Position ``t`` predicts label ``t + 1``; labels equal to ``-100`` (prompt, padding)
     contribute nothing. Logits are upcast to float32 before the softmax.
@@ -25,15 +31,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     Returns:
         ``(sum, count)``: the summed loss (scalar) and the number of labelled tokens.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, (shift_labels != IGNORE_INDEX).sum()
+    return -logps_from_logits(logits, labels).logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
@@ -51,7 +49,7 @@ class SFTLossConfig(ComponentConfig):
 
     Attributes:
         chunk_size: apply the output layer to this many labelled tokens at a time
-            (``aligntk.logprobs``), so full ``[B, T, V]`` float32 logits never exist, in the
+            (``aligntk.token_logps``), so full ``[B, T, V]`` float32 logits never exist, in the
             forward or the backward pass. ``0`` computes the full logits (the plain path);
             ``auto`` chunks by 1024 from a 16k vocabulary up (``resolve_chunk_size``).
     """
@@ -79,10 +77,5 @@ class SFTLoss:
                 "data.packing does not work with prompt tuning: peft drops position_ids, so packed "
                 "sequences would attend to each other; set data.packing: false"
             )
-        chunk_size = resolve_chunk_size(models.policy, self.config.chunk_size)
-        if chunk_size == 0:
-            out = models.policy(**inputs, use_cache=False)
-            loss_sum, count = token_nll(out.logits, batch["labels"])
-            return LossOutput(sum=loss_sum, count=count)
-        logps = token_logps(models.policy, **inputs, labels=batch["labels"], chunk_size=chunk_size)
+        logps = token_logps(models.policy, **inputs, labels=batch["labels"], chunk_size=self.config.chunk_size)
         return LossOutput(sum=-logps.logps.sum(), count=self.count(batch))

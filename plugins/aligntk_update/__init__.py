@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aligntk import hookimpl
-from aligntk.hookspecs import Register
+from aligntk import Register, hookimpl
 
 from .adapters import LoRA, PeftPolicy, PromptTuning
 from .base import L2SP, FullFineTuning, UpdateBase

@@ -2,7 +2,8 @@
 
 ``prepare`` wraps the policy in ``PeftPolicy``, a thin module around the peft model
 that (a) drops the logits of the virtual tokens prompt tuning prepends, so every
-loss sees logits ``[B, T, V]`` aligned with its labels, and (b) saves a peft adapter
+loss sees logits ``[B, T, V]`` aligned with its labels, and declares them as
+``prepended_positions`` (what ``aligntk.prepends_positions`` reads), and (b) saves a peft adapter
 at the end of the run, plus the base model when it cannot be found again (built from
 a config, or trained itself by prompt+LM tuning), so ``aligntk merge`` can rebuild it.
 """
@@ -40,7 +41,10 @@ class PeftPolicy(torch.nn.Module):
     Attributes:
         peft_model: the ``peft.PeftModel``. (Not called ``module``: ``aligntk``'s
             ``unwrap`` would take it for a DDP wrapper and strip this class.)
-        virtual_tokens: positions peft prepends (prompt tuning), dropped from ``logits``.
+        prepended_positions: positions peft prepends (prompt tuning's virtual tokens),
+            dropped from ``logits``; the core's declaration that this model prepends
+            positions (``aligntk.prepends_positions``), so log-probs take the plain path
+            and packed rows are refused.
         base: a copy of the untouched base model to save next to the adapter, or ``None``.
         save_trained_base: save the wrapped (trained) base model instead (prompt+LM tuning).
     """
@@ -54,7 +58,7 @@ class PeftPolicy(torch.nn.Module):
     ):
         super().__init__()
         self.peft_model = peft_model
-        self.virtual_tokens = virtual_tokens
+        self.prepended_positions = virtual_tokens
         # Kept in a list, outside the module tree: never trained, moved to the device
         # or written into checkpoints.
         self._base = [base] if base is not None else []
@@ -63,8 +67,8 @@ class PeftPolicy(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.peft_model(*args, **kwargs)
         logits = getattr(out, "logits", None)
-        if self.virtual_tokens and logits is not None and logits.dim() == 3:
-            out.logits = logits[:, self.virtual_tokens :]
+        if self.prepended_positions and logits is not None and logits.dim() == 3:
+            out.logits = logits[:, self.prepended_positions :]
         return out
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

@@ -5,23 +5,22 @@ hard labels), ``w2s_aux_conf`` (auxiliary confidence), ``w2s_product`` (product 
 experts) for classification, and ``token_distill`` (forward/reverse KL, generalized JSD)
 for generation.
 
-Also: the ``classification`` data component, the ``accuracy`` evaluator, one-pass
-teacher labelling (``label_examples``) and the ``aligntk w2s RECIPE`` protocol command.
+Also: the ``classification`` data component (scored by the eval plugin's ``accuracy``
+evaluator), one-pass teacher labelling (``label_examples``), the PGR metric
+(``aligntk_w2s.metrics``) and the ``aligntk w2s RECIPE`` protocol command.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aligntk import hookimpl
-from aligntk.hookspecs import Register
+from aligntk import Register, hookimpl
 
 from .data import ClassificationData
-from .labelling import Accuracy, label_examples, write_labels
+from .labelling import label_examples, write_labels
 from .loss import TokenDistill, W2SAuxConf, W2SCE, W2SProduct
 
 __all__ = [
-    "Accuracy",
     "ClassificationData",
     "TokenDistill",
     "W2SAuxConf",
@@ -43,11 +42,6 @@ def aligntk_register_losses(register: Register) -> None:
 @hookimpl
 def aligntk_register_data(register: Register) -> None:
     register("classification", ClassificationData)
-
-
-@hookimpl
-def aligntk_register_evaluators(register: Register) -> None:
-    register("accuracy", Accuracy)
 
 
 @hookimpl

@@ -16,8 +16,20 @@ from typing import Any
 import torch
 from pydantic import Field, PositiveInt
 
-from aligntk import Batch, DataContext, DataError, DataSplits, Example, LocalFile
-from aligntk.datafiles import FileDataConfig, describe_type, load_splits, read_rows, require_pad_token
+from aligntk import (
+    Batch,
+    DataContext,
+    DataError,
+    DataSplits,
+    Example,
+    FileDataConfig,
+    LocalFile,
+    describe_type,
+    load_splits,
+    pad_tokens,
+    read_rows,
+    require_pad_token,
+)
 
 #: Batch fields the ``classification`` component provides.
 CLASSIFICATION_PROVIDES = frozenset({"input_ids", "attention_mask", "soft_labels", "labels_int"})
@@ -121,37 +133,12 @@ def collate_classification(examples: Sequence[Example], pad_token_id: int) -> Ba
         ``input_ids``, ``attention_mask`` ``[N, T]`` (long), ``soft_labels`` ``[N, C]``
         (float32) and ``labels_int`` ``[N]`` (long, the ground truth).
     """
-    width = max(len(ex["input_ids"]) for ex in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        ids = ex["input_ids"]
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "soft_labels": torch.tensor([ex["soft_labels"] for ex in examples], dtype=torch.float32),
-        "labels_int": torch.tensor([ex["label"] for ex in examples], dtype=torch.long),
-    }
+    batch = pad_tokens([ex["input_ids"] for ex in examples], pad_token_id)
+    batch["soft_labels"] = torch.tensor([ex["soft_labels"] for ex in examples], dtype=torch.float32)
+    batch["labels_int"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)
     if "label_token_ids" in examples[0]:
         batch["label_token_ids"] = torch.tensor([ex["label_token_ids"] for ex in examples], dtype=torch.long)
     return batch
-
-
-def class_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Class logits ``[N, C]`` from a classification head, or from a causal LM's label tokens.
-
-    With ``label_token_ids`` ``[N, C]`` in the batch, the logits are the LM's next-token
-    logits after each text's last real token (right padding), at the label tokens.
-    """
-    device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    ids = batch.get("label_token_ids")
-    if ids is None:
-        return out
-    last = batch["attention_mask"].to(device).sum(dim=1) - 1
-    return out[torch.arange(out.size(0), device=device), last].gather(-1, ids.to(device))
 
 
 class ClassificationData:

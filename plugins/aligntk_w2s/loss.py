@@ -14,11 +14,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from aligntk import ComponentConfig, LossOutput, Models
-from aligntk.types import Batch
+from aligntk import IGNORE_INDEX, Batch, ComponentConfig, LossCapabilities, LossOutput, Models, class_logits
 
-from .data import class_logits
-from .losses import IGNORE_INDEX, aux_alpha, aux_conf_loss, label_ce, product_loss, token_distill
+from .losses import aux_alpha, aux_conf_loss, label_ce, product_loss, token_distill
 
 CLASSIFICATION_FIELDS = frozenset({"input_ids", "attention_mask", "soft_labels"})
 
@@ -86,15 +84,18 @@ class W2SAuxConf(_ExampleCount):
     """Auxiliary-confidence loss (Burns et al. 2023), with the weight ramped by ``start_step``.
 
     The hardening threshold is set per micro-batch (the class prior of its weak labels),
-    so this loss depends on how the global batch is split. It declares ``whole_batch``:
+    so this loss depends on how the global batch is split. It declares ``whole_batch``
     the engine refuses to run it with more than one micro-batch per optimizer step.
     """
 
     Config = W2SAuxConfConfig
     requires = CLASSIFICATION_FIELDS
     roles = ("policy",)
-    # The class-prior threshold is a statistic of the whole batch, as in the paper.
-    whole_batch = True
+
+    @classmethod
+    def capabilities(cls, config: W2SAuxConfConfig) -> LossCapabilities:
+        # The class-prior threshold is a statistic of the whole batch, as in the paper.
+        return LossCapabilities(whole_batch=True, scheduled=True)
 
     def __init__(self, config: W2SAuxConfConfig):
         self.config = config

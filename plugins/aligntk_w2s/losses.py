@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from aligntk import IGNORE_INDEX
 DistillKind = Literal["forward_kl", "reverse_kl", "jsd"]
 
 

@@ -4,7 +4,7 @@ For each seed: split the training rows in two; train the weak model on the groun
 of half A; label half B with it once (soft labels, written to ``weak_labels.jsonl`` in the
 weak run's folder); train the strong model on those labels with each chosen loss; train
 the strong ceiling on B's ground truth. Every run is an ordinary aligntk recipe run by
-``aligntk.engine.train`` and evaluated on the held-out test file by the ``accuracy``
+``aligntk.train`` and evaluated on the held-out test file by the ``accuracy``
 evaluator. Accuracies and PGR (at the end of training and at the best evaluation) are
 written to ``results.json`` and ``results.md`` in the output folder.
 """
@@ -21,10 +21,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
-from aligntk import AligntkError, DataContext, LocalFile, RecipeError
-from aligntk.datafiles import read_rows
-from aligntk.plugins import Plugins, load_plugins
-from aligntk.recipe import ComponentSpec, format_errors, read_recipe, validate_recipe
+from aligntk import (
+    AligntkError,
+    ComponentSpec,
+    DataContext,
+    LocalFile,
+    Plugins,
+    RecipeError,
+    format_errors,
+    load_plugins,
+    read_recipe,
+    read_rows,
+    validate_recipe,
+)
 
 from .data import ClassificationData, ClassificationDataConfig
 from .labelling import LABELS_FILE, label_examples, write_labels
@@ -161,7 +170,7 @@ class W2SProtocol:
 
     def run_recipe(self, raw: dict[str, Any], overwrite: bool) -> RunSummary:
         """Validate and train one recipe (the engine's ``train``); summarize its test accuracy."""
-        from aligntk.engine import train
+        from aligntk import train  # the engine loads only when a run trains
 
         resolved = validate_recipe(raw, self.plugins.registry, source=self.source)
         log.info("w2s: training %s", raw["output_dir"])

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aligntk.metrics.pgr.pgr import performance_gap_recovered
+from .metrics.pgr.pgr import performance_gap_recovered
 
 WHEN = ("final", "best")
 

@@ -2,7 +2,7 @@
 
 A local ``evaluate`` module, shipped inside aligntk so that evaluation never needs the
 Hugging Face Hub: ``evaluate.load("exact_match")`` fetches the Hub version, which fails
-offline. Load it with ``aligntk.metrics.load_metric("exact_match")``.
+offline. Load it with ``aligntk.load_metric("exact_match")``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ Args:
 Returns:
     exact_match (float): the fraction of stripped predictions equal to the stripped reference.
 Examples:
-    >>> metric = aligntk.metrics.load_metric("exact_match")
+    >>> metric = aligntk.load_metric("exact_match")
     >>> metric.compute(predictions=["68", " 7 "], references=["68", "8"])
     {'exact_match': 0.5}
 """

@@ -19,11 +19,9 @@ import click
 import torch
 from pydantic import Field
 
-from aligntk import Batch, ComponentConfig, LossOutput, Models, hookimpl
+from aligntk import IGNORE_INDEX, Batch, ComponentConfig, LossOutput, Models, hookimpl
 
 __all__ = ["LabelSmoothedSFTLoss", "LabelSmoothedSFTLossConfig", "STEPS", "label_smoothed_nll"]
-
-IGNORE_INDEX = -100
 
 #: Steps seen by ``aligntk_on_step_end``, in order (main process only).
 STEPS: list[int] = []

@@ -1,7 +1,7 @@
 """Performance gap recovered (PGR), the weak-to-strong score of Burns et al. 2023.
 
-A local ``evaluate`` module, shipped inside aligntk so that evaluation never needs the
-Hugging Face Hub. Load it with ``aligntk.metrics.load_metric("pgr")``.
+A local ``evaluate`` module, shipped inside the weak-to-strong plugin so that evaluation
+never needs the Hugging Face Hub. Load it with ``aligntk_w2s.metrics.load_metric("pgr")``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ Raises:
     ValueError: the ceiling does not beat the weak model (PGR undefined), or the lists
         have different lengths or are empty.
 Examples:
-    >>> metric = aligntk.metrics.load_metric("pgr")
+    >>> metric = aligntk_w2s.metrics.load_metric("pgr")
     >>> metric.compute(references=[1, 0, 1, 1], weak_predictions=[1, 1, 0, 1],
     ...                w2s_predictions=[1, 0, 0, 1], ceiling_predictions=[1, 0, 1, 1])
     {'pgr': 0.5, 'weak_acc': 0.5, 'w2s_acc': 0.75, 'ceiling_acc': 1.0}
