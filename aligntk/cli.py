@@ -168,8 +168,8 @@ def _bounds(field: Any) -> list[str]:
     return [f"{sign} {getattr(m, attr)}" for m in metadata for kind, attr, sign in signs if isinstance(m, kind)]
 
 
-def _options(cls: type) -> list[str]:
-    """One line per option of a component (from its pydantic Config).
+def _options(config: type) -> list[str]:
+    """One line per option in an options model (a component's ``Config``, a plugin's options).
 
     ``name: type = default (bounds) -- description``; ``= required`` when it has no
     default; the bounds and the description only where the field has them.
@@ -177,7 +177,7 @@ def _options(cls: type) -> list[str]:
     from .parts import PartOf
 
     lines = []
-    for name, field in cls.Config.model_fields.items():
+    for name, field in config.model_fields.items():
         parts = [m.kind for m in field.metadata if isinstance(m, PartOf)]
         kind = f"a registered {parts[0]}" if parts else _type_name(field.annotation)
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
@@ -206,13 +206,19 @@ def plugins_cmd(verbose: bool) -> None:
             # A part (aligntk_register_parts) shows its plugin-defined kind: "part      kl: k3".
             click.echo(f"    {'part':<9} {reg.kind}: {reg.name}" if reg.part else f"    {reg.kind:<9} {reg.name}")
             if verbose:
-                for line in _options(reg.cls):
+                for line in _options(reg.cls.Config):
                     click.echo(f"              {line}")
         for suite in (s for s in plugins.suites.values() if s.plugin == info.name):
             click.echo(f"    {'suite':<9} {suite.name}" + (f"  ({suite.path})" if verbose else ""))
         hooks = plugins.lifecycle_hooks(info.name)
         if hooks:
             click.echo(f"    {'hooks':<9} {', '.join(hooks)}")
+        options = plugins.registry.plugin_options.get(info.name)
+        if options is not None:
+            click.echo(f"    {'options':<9} plugins.{info.name} (and enabled: bool = True)")
+            if verbose:
+                for line in _options(options):
+                    click.echo(f"              {line}")
 
 
 @main.command()

@@ -97,6 +97,13 @@ def test_run_prints_before_and_after(tiny: dict[str, Any], tmp_path: Path) -> No
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
 
 
+def test_plugins_verbose_lists_a_lifecycle_plugins_options() -> None:
+    result = invoke("plugins", "--verbose")
+    lines = result.output.splitlines()
+    at = lines.index("    options   plugins.diagnostics (and enabled: bool = True)")
+    assert lines[at + 1].strip() == "window: int = 10 (>= 2, > 0)"
+
+
 def test_plugins_verbose_lists_component_options() -> None:
     result = invoke("plugins", "--verbose")
     assert result.exit_code == 0
@@ -143,10 +150,7 @@ def test_option_lines_show_descriptions() -> None:
         limit: PositiveInt | None = None
         path: str
 
-    class Described:
-        Config = DescribedConfig
-
-    assert _options(Described) == [
+    assert _options(DescribedConfig) == [
         "share: float = 0.5 (> 0, <= 1) -- share of rows kept",
         "names: list[str] = ['a'] -- which ones",
         "limit: int|None = None (> 0)",
