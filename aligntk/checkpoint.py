@@ -68,8 +68,12 @@ def save_checkpoint(
     keep: int,
     trainer_state: dict[str, Any],
     data_state: dict[str, Any] | None = None,
+    only_trainable: bool = False,
 ) -> Path:
     """Write the checkpoint for ``step`` atomically; keep the newest ``keep`` checkpoints.
+
+    ``only_trainable`` writes only the parameters that train (an adapter, unfrozen layers,
+    trainable heads): the frozen rest is rebuilt the same on resume (``trains_a_part``).
 
     ``data_state`` is what the batch source needs to go on exactly (online data's rollout
     block in use); it comes back as the trainer state's ``data`` on load.
@@ -83,7 +87,13 @@ def save_checkpoint(
     tmp = root / f".tmp-{_PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # de-duplicates tied weights
+    if only_trainable:
+        from safetensors.torch import save_file
+
+        trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, str(tmp / "model.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))  # de-duplicates tied weights
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -160,8 +170,12 @@ def load_latest(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
+    only_trainable: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Restore the newest of ``candidates`` (newest first) that verifies and loads.
+
+    With ``only_trainable`` a checkpoint must hold every trainable parameter (and nothing
+    the model lacks); frozen weights stay as built.
 
     A damaged one is passed over with a one-line warning naming the file. Everything is
     read and checked before the model and optimizer are touched, so a checkpoint that
@@ -179,7 +193,7 @@ def load_latest(
             reasons.append(str(exc))
             continue
         weights, state, trainer_state = loaded
-        _check_keys(model, weights, path)
+        _check_keys(model, weights, path, only_trainable)
         try:
             model.load_state_dict(weights, strict=False)  # tied names were saved once: _check_keys
             optimizer.load_state_dict(state["optimizer"])
@@ -235,13 +249,23 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str
     return weights, state, trainer_state
 
 
-def _check_keys(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
-    """Every saved tensor must be in the model, and every model tensor saved (tied weights aside)."""
+def trains_a_part(model: torch.nn.Module) -> bool:
+    """Whether some parameters are frozen: then checkpoints hold only the trainable ones."""
+    flags = [p.requires_grad for p in model.parameters()]
+    return any(flags) and not all(flags)
+
+
+def _check_keys(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path, only_trainable: bool = False
+) -> None:
+    """Every saved tensor must be in the model, and every model tensor saved (tied weights aside);
+    with ``only_trainable``, every trainable parameter."""
     own = model.state_dict()
     unexpected = sorted(set(weights) - set(own))
     # save_model drops the second name of a tied pair; those share storage with a saved one.
     saved_storage = {own[n].untyped_storage().data_ptr() for n in weights if n in own}
-    missing = sorted(n for n in set(own) - set(weights) if own[n].untyped_storage().data_ptr() not in saved_storage)
+    required = {n for n, p in model.named_parameters() if p.requires_grad} if only_trainable else set(own)
+    missing = sorted(n for n in required - set(weights) if own[n].untyped_storage().data_ptr() not in saved_storage)
     if unexpected or missing:
         raise AligntkError(
             f"{path / 'model.safetensors'}: does not fit this run's model "

@@ -103,7 +103,9 @@ def train(
         resume_from = None
         if candidates:
             check_same_recipe(run_dir, resolved)
-            resume_from, trainer_state = ckpt.load_latest(candidates, policy, optimizer, scheduler, precision.scaler)
+            resume_from, trainer_state = ckpt.load_latest(
+                candidates, policy, optimizer, scheduler, precision.scaler, only_trainable=ckpt.trains_a_part(policy)
+            )
             log.info("resuming from %s (step %d)", resume_from, trainer_state["step"])
         start_step = int(trainer_state["step"])
         trainable, total = count_parameters(policy)
@@ -175,7 +177,12 @@ def train(
 def _load_models(
     resolved: ResolvedRecipe, base_dir: Path, device: torch.device
 ) -> tuple[Any, torch.nn.Module, dict[str, torch.nn.Module]]:
-    """The tokenizer, the policy, and a frozen model for every other role the losses declare."""
+    """The tokenizer, the policy, and a frozen model for every other role the losses declare.
+
+    A ``model.path`` that is an adapter folder loads as base + adapter (``model.adapter``), so
+    a role that defaults to the policy as it starts (DPO's and GRPO's ``reference``) is that
+    model, adapter included or merged: never the bare base.
+    """
     recipe = resolved.recipe
     tokenizer = load_tokenizer(recipe.model, base_dir)
     policy = build_model(recipe.model, tokenizer, base_dir)
@@ -597,6 +604,7 @@ class _Trainer:
                     "skipped_in_a_row": self.skips.in_a_row,
                 },
                 data_state=self.batches.state_dict(),
+                only_trainable=ckpt.trains_a_part(unwrap(self.policy)),
             )
             self.plugins.on_checkpoint_saved(self.info, step, path)
         self.d.barrier()

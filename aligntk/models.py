@@ -247,6 +247,8 @@ def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, base_dir: P
                 options.setdefault(name, getattr(tokenizer, name))
             config = AutoConfig.for_model(**options)
             model = auto.from_config(config, **kwargs)
+        elif source is not None and is_adapter_folder(Path(source)):
+            model = _from_adapter(spec, Path(source), auto, kwargs, key)
         else:
             assert source is not None
             model = auto.from_pretrained(source, dtype=_DTYPES[spec.dtype], **kwargs)
@@ -267,6 +269,57 @@ def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, base_dir: P
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+#: The file that makes a folder a peft adapter, and the sub-folder an adapter's base may be saved in.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_BASE = "base"
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A saved peft adapter (a LoRA or prompt-tuning run's ``model/``), not a whole model."""
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base(folder: Path) -> str | None:
+    """Where a saved adapter's base model is: ``folder/base``, else its config's name (a relative
+    local path taken from ``folder``), else None."""
+    if (folder / ADAPTER_BASE).is_dir():
+        return str(folder / ADAPTER_BASE)
+    named = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not named:
+        return None
+    local = Path(named).expanduser()
+    if not local.is_absolute():
+        local = folder / local
+    return str(local) if local.exists() else str(named)
+
+
+def _from_adapter(spec: ModelSpec, folder: Path, auto: Any, kwargs: dict[str, Any], key: str) -> torch.nn.Module:
+    """Base + the saved adapter: merged into plain weights (``adapter: merge``), or a trainable
+    ``peft.PeftModel`` for the ``lora`` update step to go on training (``adapter: continue``)."""
+    from peft import PeftModel
+
+    base_source = adapter_base(folder)
+    if base_source is None:
+        raise AligntkError(
+            f"{key}.path: {folder} holds a peft adapter that names no base model and has no {ADAPTER_BASE}/ folder"
+        )
+    kind = json.loads((folder / ADAPTER_CONFIG).read_text()).get("peft_type")
+    if spec.adapter == "merge" and kind != "LORA":
+        raise AligntkError(
+            f"{key}.adapter: merge: a {kind} adapter cannot be folded into the weights (only LoRA can); "
+            f"set {key}.adapter: continue"
+        )
+    base = auto.from_pretrained(base_source, dtype=_DTYPES[spec.dtype], **kwargs)
+    model = PeftModel.from_pretrained(base, folder, is_trainable=spec.adapter == "continue")
+    if spec.adapter == "continue":
+        for config in model.peft_config.values():  # saved again at the end: say where the base is
+            config.base_model_name_or_path = str(Path(base_source).absolute()) if Path(base_source).exists() else base_source
+        return model
+    merged = model.merge_and_unload().requires_grad_(True)  # peft froze the base: trainable, as any loaded model
+    merged.config._name_or_path = ""  # these weights are on no disk: an adapter trained on them saves them beside it
+    return merged
 
 
 class Frozen(torch.nn.Module):

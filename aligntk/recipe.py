@@ -90,6 +90,14 @@ class ModelSpec(StrictModel):
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = "sdpa"
+    adapter: Literal["merge", "continue"] = Field(
+        "merge",
+        description=(
+            "when 'path' is a peft adapter folder (a LoRA run's model/): 'merge' folds it into the base weights "
+            "and the update step starts from the merged model; 'continue' keeps training that adapter "
+            "(needs update: lora)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

@@ -11,6 +11,7 @@ a config, or trained itself by prompt+LM tuning), so ``aligntk merge`` can rebui
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,8 @@ from aligntk import AligntkError
 
 from .base import UpdateBase
 from .options import UpdateOptions
+
+log = logging.getLogger("aligntk")
 
 #: Sub-folder of a saved adapter that holds the base model, when the adapter needs one.
 BASE_FOLDER = "base"
@@ -82,6 +85,7 @@ class PeftPolicy(torch.nn.Module):
             self.peft_model.get_base_model().save_pretrained(folder / BASE_FOLDER)
         elif self._base:
             self._base[0].save_pretrained(folder / BASE_FOLDER)
+        _record_base(folder)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -90,6 +94,28 @@ class PeftPolicy(torch.nn.Module):
             if name == "peft_model":
                 raise
             return getattr(self.peft_model, name)  # config, gradient checkpointing, ... of the peft model
+
+
+def _record_base(folder: Path) -> None:
+    """Name the base model in ``adapter_config.json`` by an absolute path when it is on disk, so
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(folder)`` finds it offline from any directory.
+
+    The engine writes ``run/.tmp-model`` and renames it to ``run/model``: the path recorded is the
+    final one. (aligntk itself prefers ``folder/base`` and reads relative paths from ``folder``.)
+    """
+    import json
+
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    final = folder.parent / folder.name.removeprefix(".tmp-")
+    if (folder / BASE_FOLDER).is_dir():
+        named: str | None = str((final / BASE_FOLDER).absolute())
+    else:
+        source = config.get("base_model_name_or_path")
+        named = str(Path(source).absolute()) if source and Path(source).is_dir() else source
+    if named != config.get("base_model_name_or_path"):
+        config["base_model_name_or_path"] = named
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class LoRAConfig(UpdateOptions):
@@ -119,11 +145,18 @@ class LoRA(UpdateBase):
 
     Config = LoRAConfig
     strategy = "lora"
+    continues_adapter = True
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         c: LoRAConfig = self.config  # type: ignore[assignment]
+        if isinstance(model, PeftModel):  # model.adapter: continue: train the loaded adapter, add none
+            kind = model.peft_config[model.active_adapter].peft_type
+            if kind != "LORA":
+                raise AligntkError(f"update lora: model.adapter: continue loaded a {kind} adapter, not a LoRA one")
+            log.info("update lora: continuing the loaded adapter (its rank and targets; update.rank etc. unused)")
+            return PeftPolicy(model)
         base = None if _has_local_source(model) else copy.deepcopy(model)
         peft_config = LoraConfig(
             task_type=_task_type(model),

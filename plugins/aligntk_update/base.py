@@ -14,6 +14,13 @@ from .optim import build_optimizer, build_scheduler
 from .options import UpdateOptions
 
 
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    """A ``peft.PeftModel``: what ``model.adapter: continue`` loads from an adapter folder."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 class UpdateBase:
     """``prepare`` = ``wrap`` then freeze; ``configure`` = shared optimizer and schedule; no penalty.
 
@@ -30,7 +37,16 @@ class UpdateBase:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
+    #: Whether ``wrap`` goes on training an adapter the model was loaded with (``model.adapter: continue``).
+    continues_adapter: ClassVar[bool] = False
+
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        if _is_peft_model(model) and not self.continues_adapter:
+            raise AligntkError(
+                f"model.adapter: continue: update {self.strategy} cannot go on training a loaded adapter; "
+                "use update: {name: lora} to train it further, or model.adapter: merge to fold it into the "
+                f"weights and train those with {self.strategy}"
+            )
         model = self.wrap(model)
         apply_freeze(model, self.config.freeze, self.config.freeze_layers)
         log_trainable(model, self.strategy)
