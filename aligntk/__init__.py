@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .chat import check_messages, render_chat
+from .chat import check_messages, normalize_messages, render_chat
 from .classify import class_logits, class_probabilities
-from .datafiles import FileDataConfig, describe_type, keep_fitting, load_splits, read_rows, require_pad_token
+from .datafiles import DataFile, FileDataConfig, describe_type, keep_fitting, load_splits, read_rows, require_pad_token
 from .errors import AligntkError, DataError, PluginError, RecipeError, TrainingError
 from .hookspecs import Register, RegisterOptions, RegisterPart, RegisterSuite
 from .metrics import available_metrics, load_metric
@@ -113,6 +113,7 @@ __all__ = [
     "Part",
     "part",
     # Data files: rows with their location, train/eval splits, row and tokenizer checks.
+    "DataFile",
     "FileDataConfig",
     "describe_type",
     "keep_fitting",
@@ -129,6 +130,7 @@ __all__ = [
     "truncation_cut",
     # Chat rows: checking messages, rendering them with the chat template.
     "check_messages",
+    "normalize_messages",
     "render_chat",
     # Models and their outputs: token log-probs (chunked or plain, one dispatch), class scores, wrappers.
     "ChunkSize",

@@ -5,6 +5,10 @@ reported the same way: ``data/train.jsonl:17: ...`` (a line) or ``data/train.par
 ...`` (a row, for formats without lines). Rows are plain dicts; checking their shape is the
 component's job.
 
+Besides files, a folder written by Hugging Face ``datasets``' ``save_to_disk`` is read (a
+``Dataset``, or one split of a ``DatasetDict``: ``data/hf:test`` names the split; rows are
+``data/hf[test]: row 5``), and so is a ``.arrow`` file (as ``datasets`` writes them).
+
 :func:`load_splits` also counts each file's unknown tokens (:func:`check_unknown_tokens`), so
 text the tokenizer cannot encode is reported, and refused with ``max_unk_fraction``, the same
 way for every file-based component.
@@ -20,18 +24,55 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from .errors import DataError
-from .recipe import LocalFile
+from .recipe import _resolve_path
 from .types import ComponentConfig, DataReport, DataSplits, Example
 
 log = logging.getLogger("aligntk")
 
 #: File extensions :func:`read_rows` understands.
-SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+#: The split :func:`read_rows` reads from a ``DatasetDict`` folder named without one.
+DEFAULT_SPLIT = "train"
+
+
+def split_path(path: Path) -> tuple[Path, str] | None:
+    """``(folder, split)`` for a path written ``folder:split`` whose folder exists, else ``None``."""
+    path = Path(path)
+    if path.exists() or ":" not in path.name:
+        return None
+    name, _, split = path.name.rpartition(":")
+    folder = path.with_name(name) if name else path
+    return (folder, split) if name and split and folder.is_dir() else None
+
+
+def with_split(path: Path, split: str | None) -> Path:
+    """``path`` naming ``split`` of a ``save_to_disk`` folder (``folder:split``); ``path`` for ``None``.
+
+    Raises:
+        DataError: ``path`` is not a folder, or already names a split.
+    """
+    if split is None:
+        return path
+    if split_path(path) is not None:
+        raise DataError(f"{path}: the path already names a split; give the split once (in the path or the option)")
+    if not Path(path).is_dir():
+        raise DataError(f"{path}: split {split!r} given, but only a datasets save_to_disk folder has splits")
+    return Path(path).with_name(f"{Path(path).name}:{split}")
+
+
+def _data_must_exist(value: Path) -> Path:
+    if not value.exists() and split_path(value) is None:
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+#: A data file or ``save_to_disk`` folder in a recipe (``folder:split`` allowed), resolved like ``LocalFile``.
+DataFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_data_must_exist)]
 
 
 def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -43,27 +84,45 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
     CSV values are always strings (an empty cell is ``""``): a completion ``4`` stays text.
 
+    A ``save_to_disk`` folder's rows are ``"data/hf[train]: row 5"`` (a ``DatasetDict``: the
+    split named ``data/hf:train``, ``train`` by default) or ``"data/hf: row 5"`` (a
+    ``Dataset``); a ``.arrow`` file's are ``"train.arrow: row 5"``.
+
     Args:
-        path: a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file.
+        path: a ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` or ``.arrow`` file, or a
+            ``save_to_disk`` folder (``folder:split`` for one split of a ``DatasetDict``).
 
     Raises:
         DataError: the file is missing, has an unknown extension, cannot be parsed, holds
-            a row that is not an object, or has no rows. The message starts with the file
-            (and line or row).
+            a row that is not an object, or has no rows; a folder that ``save_to_disk``
+            did not write, or without the split. The message starts with the file (and
+            line or row).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_EXTENSIONS:
-        raise DataError(
-            f"{path}: unknown data file type {path.suffix or '(no extension)'!r}; "
-            f"supported: {', '.join(SUPPORTED_EXTENSIONS)}"
-        )
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    named = split_path(path)
+    if named is not None or path.is_dir():
+        folder, split = named if named is not None else (path, None)
+        rows_of: Iterator[tuple[str, dict[str, Any]]] = _read_saved(folder, split)  # a generator: reads when iterated
+    else:
+        suffix = path.suffix.lower()
+        if suffix not in SUPPORTED_EXTENSIONS:
+            raise DataError(
+                f"{path}: unknown data file type {path.suffix or '(no extension)'!r}; "
+                f"supported: {', '.join(SUPPORTED_EXTENSIONS)}, or a datasets save_to_disk folder"
+            )
+        if not path.is_file():
+            raise DataError(f"{path}: data file not found")
+        readers = {
+            ".jsonl": _read_jsonl,
+            ".json": _read_json,
+            ".csv": _read_csv,
+            ".parquet": _read_parquet,
+            ".arrow": _read_arrow,
+        }
+        rows_of = readers[suffix](path)
     rows = 0
     try:
-        for row in readers[suffix](path):
+        for row in rows_of:
             rows += 1
             yield row
     except UnicodeDecodeError as exc:
@@ -136,6 +195,47 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{path}: row {number}", row
 
 
+def _read_arrow(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+    import pyarrow
+
+    try:
+        table = datasets.Dataset.from_file(str(path), in_memory=True)
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Arrow file (as datasets writes them): {exc}") from None
+    for number, row in enumerate(table, start=1):
+        yield f"{path}: row {number}", row
+
+
+def _read_saved(folder: Path, split: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    import datasets
+
+    is_dict = (folder / "dataset_dict.json").is_file()
+    if not is_dict and not (folder / "state.json").is_file():
+        raise DataError(
+            f"{folder}: a folder, but not one written by datasets' save_to_disk (no dataset_dict.json or state.json)"
+        )
+    if not is_dict and split is not None:
+        raise DataError(f"{folder}: holds one Dataset, without splits; name the folder without split {split!r}")
+    try:
+        with _quiet_datasets():
+            loaded = datasets.load_from_disk(str(folder), keep_in_memory=True)
+    except Exception as exc:  # datasets raises FileNotFoundError, arrow and JSON errors for a damaged folder
+        raise DataError(f"{folder}: not a readable save_to_disk folder: {exc}") from None
+    label = str(folder)
+    if is_dict:
+        split = split or DEFAULT_SPLIT
+        if split not in loaded:
+            raise DataError(
+                f"{folder}: no split {split!r} (splits: {', '.join(loaded)}); name one as {folder}:SPLIT "
+                "or with data.split / data.eval_split"
+            )
+        loaded, label = loaded[split], f"{folder}[{split}]"
+    for number, row in enumerate(loaded, start=1):
+        yield f"{label}: row {number}", row
+
+
 @contextmanager
 def _quiet_datasets() -> Iterator[str]:
     """A throw-away cache folder, and no progress bars, for one ``datasets.load_dataset`` call.
@@ -180,24 +280,41 @@ class FileDataConfig(ComponentConfig):
     """Options every file-based data component has; subclass it and add your own.
 
     Attributes:
-        path: the training file (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``).
+        path: the training file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.arrow``)
+            or ``datasets`` ``save_to_disk`` folder (``folder:split`` picks a split).
         eval_path: an evaluation file in the same formats.
+        split: the split of a ``DatasetDict`` folder ``path`` reads (default ``train``).
+        eval_split: the split evaluation reads: of ``eval_path``'s folder, or without
+            ``eval_path`` of ``path``'s (``eval_split: test``).
         eval_fraction: without ``eval_path``, the share of training rows held out for
             evaluation (a shuffle seeded with the run's seed picks them).
         max_unk_fraction: refuse a file whose share of unknown tokens (characters the
             tokenizer cannot encode) is above this; ``None`` only warns, above 1%.
     """
 
-    path: LocalFile
-    eval_path: LocalFile | None = None
+    path: DataFile
+    eval_path: DataFile | None = None
+    split: str | None = None
+    eval_split: str | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_unk_fraction: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> FileDataConfig:
-        if self.eval_path is not None and self.eval_fraction > 0:
-            raise ValueError("give 'eval_path' or 'eval_fraction', not both")
+        for name in ("eval_path", "eval_split"):
+            if getattr(self, name) is not None and self.eval_fraction > 0:
+                raise ValueError(f"give {name!r} or 'eval_fraction', not both")
         return self
+
+    def train_source(self) -> Path:
+        """What :func:`read_rows` reads for training: ``path``, with ``split`` if given."""
+        return with_split(self.path, self.split)
+
+    def eval_source(self) -> Path | None:
+        """What :func:`read_rows` reads for evaluation, or ``None`` (none, or ``eval_fraction``)."""
+        if self.eval_path is None and self.eval_split is None:
+            return None
+        return with_split(self.eval_path if self.eval_path is not None else self.path, self.eval_split)
 
 
 def require_pad_token(tokenizer: Any) -> int:
@@ -226,13 +343,14 @@ def load_splits(
             tokens than ``max_unk_fraction``.
     """
     report = DataReport()
-    train = read(config.path, report)
-    check_unknown_tokens(config.path, train, tokenizer, report, config.max_unk_fraction)
-    if config.eval_path is not None:
-        eval_ = read(config.eval_path, report)
-        check_unknown_tokens(config.eval_path, eval_, tokenizer, report, config.max_unk_fraction)
+    source, eval_source = config.train_source(), config.eval_source()
+    train = read(source, report)
+    check_unknown_tokens(source, train, tokenizer, report, config.max_unk_fraction)
+    if eval_source is not None:
+        eval_ = read(eval_source, report)
+        check_unknown_tokens(eval_source, eval_, tokenizer, report, config.max_unk_fraction)
     elif config.eval_fraction > 0:
-        train, eval_ = hold_out(train, config.eval_fraction, seed, config.path)
+        train, eval_ = hold_out(train, config.eval_fraction, seed, source)
     else:
         eval_ = []
     report.rows = {"train": len(train), "eval": len(eval_)}

@@ -6,6 +6,7 @@ tests collected twice, or its fixtures shadowed) because another one needs a hel
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,15 @@ class OnesPlugin:
     @hookimpl
     def aligntk_register_rewards(self, register: Any) -> None:
         register("ones", Ones)
+
+
+def char_ids(tok: Any, text: str) -> list[int]:
+    """One id per character: what ``aligntk.testing.char_tokenizer`` produces for ``text``."""
+    vocab = tok.get_vocab()
+    return [vocab[ch] for ch in text]
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """``rows`` as JSON Lines at ``path``; returns ``path``."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path

@@ -56,7 +56,7 @@ def test_parquet_rows_are_named_by_row(tmp_path: Path) -> None:
          "{path}: a .json data file holds a list of objects, got object (use .jsonl for one object per line)"),
         ("a.json", '[{"a": 1}, null]', "{path}: row 2: expected a JSON object, got null"),
         ("a.csv", "a,b\n1,2\n3\n", "{path}:3: 1 cells, but the header has 2 columns"),
-        ("a.txt", "hello", "{path}: unknown data file type '.txt'; supported: .jsonl, .json, .csv, .parquet"),
+        ("a.txt", "hello", "{path}: unknown data file type '.txt'; supported: .jsonl, .json, .csv, .parquet, .arrow, or a datasets save_to_disk folder"),
     ],
 )
 def test_bad_files_are_one_error_naming_file_and_line(tmp_path: Path, name: str, text: str, message: str) -> None:

@@ -19,6 +19,8 @@ from aligntk import DataComponent, DataContext, DataError, DataSplits
 from aligntk.datafiles import read_rows
 from aligntk.testing import char_tokenizer
 from aligntk_sft.data import IGNORE_INDEX, SFTData
+from helpers import char_ids as ids
+from helpers import write_jsonl
 
 M = IGNORE_INDEX
 
@@ -28,15 +30,6 @@ def tok():
     return char_tokenizer()
 
 
-def ids(tok, text: str) -> list[int]:
-    """One id per character: what char_tokenizer produces for ``text``."""
-    vocab = tok.get_vocab()
-    return [vocab[ch] for ch in text]
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def load(path: Path, tok, seed: int = 0, **options: Any) -> DataSplits:

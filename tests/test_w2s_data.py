@@ -12,15 +12,13 @@ import torch
 
 from aligntk import DataContext, DataError, Example, load_plugins
 from aligntk.testing import char_tokenizer
+from helpers import write_jsonl
 
 from aligntk_eval import Accuracy
 from aligntk_w2s.data import ClassificationData, ClassificationDataConfig
 from aligntk_w2s.labelling import label_examples, write_labels
 
 
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def load(tmp_path: Path, rows: list[Any], **options: Any) -> tuple[ClassificationData, list[Example]]:

@@ -12,8 +12,14 @@ A row is one of:
   the rest of the rendering of prompt plus reply. Prompt and completion are tokenized
   separately and concatenated (as TRL does), so both sides share the prompt's tokens.
 
+* ``{"chosen": [messages], "rejected": [messages]}`` (or two strings): the implicit prompt
+  of TRL's format. The messages both lists start with (the common text, for strings, less a
+  trailing space) become the prompt, as ``trl.extract_prompt`` does.
+
+Messages may be ShareGPT turns or have text-part contents (``aligntk.normalize_messages``).
 Either form may carry a number ``margin`` (how much better ``chosen`` is; default 0), read
-by the ``reward_model`` loss.
+by the ``reward_model`` loss. Unpaired rows (``prompt``, ``completion``, ``label``, as KTO
+reads) are refused: no built-in loss takes them.
 """
 
 from __future__ import annotations
@@ -130,6 +136,15 @@ class PreferenceData:
 
     def _encode(self, where: str, row: dict[str, Any], tokenizer: Any) -> _Encoded:
         c = self.config
+        if row.get(c.chosen_key) is None and "completion" in row and "label" in row:
+            raise DataError(
+                f"{where}: an unpaired preference row (prompt, completion, label, as KTO reads); the preference "
+                f"data reads pairs ({c.prompt_key!r}, {c.chosen_key!r}, {c.rejected_key!r}), and unpaired data "
+                "needs a loss that takes it, which aligntk does not have yet"
+            )
+        if row.get(c.prompt_key) is None and row.get(c.chosen_key) is not None and row.get(c.rejected_key) is not None:
+            prompt, chosen, rejected = _extract_prompt(row[c.chosen_key], row[c.rejected_key], where, c)
+            row = {**row, c.prompt_key: prompt, c.chosen_key: chosen, c.rejected_key: rejected}
         missing = [k for k in (c.prompt_key, c.chosen_key, c.rejected_key) if row.get(k) is None]
         if missing:
             raise DataError(
@@ -257,6 +272,43 @@ def _margin(value: Any, where: str, key: str) -> float:
         return float(value)  # CSV cells arrive as strings
     except ValueError:
         raise DataError(f"{where}: {key!r} must be a number, got {value!r}") from None
+
+
+def _extract_prompt(chosen: Any, rejected: Any, where: str, c: PreferenceDataConfig) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` from two full conversations (or texts) that share the prompt.
+
+    As ``trl.extract_prompt``: the longest common prefix of messages (of characters for
+    strings, less a space it ends with) is the prompt; the rest of each side is its reply.
+    """
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n < min(len(chosen), len(rejected)) and n > 0 and chosen[n - 1] == " ":
+            n -= 1  # the space belongs to the replies, as TRL has it
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        chosen = check_messages(chosen, where, c.chosen_key)
+        rejected = check_messages(rejected, where, c.rejected_key)
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+    else:
+        raise DataError(
+            f"{where}: without {c.prompt_key!r}, {c.chosen_key!r} and {c.rejected_key!r} must both be lists of "
+            f"messages (or both strings) that start with the prompt, got {describe_type(chosen)} and "
+            f"{describe_type(rejected)}"
+        )
+    if n == 0:
+        raise DataError(
+            f"{where}: without {c.prompt_key!r}, {c.chosen_key!r} and {c.rejected_key!r} must start with the same "
+            "prompt, but they differ from the start"
+        )
+    if n == len(chosen) or n == len(rejected):
+        raise DataError(
+            f"{where}: without {c.prompt_key!r}, the prompt is what {c.chosen_key!r} and {c.rejected_key!r} share, "
+            "but one of them is all prompt: it has no reply"
+        )
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def _check_messages(

@@ -1,8 +1,16 @@
-"""Supervised fine-tuning data: prompt/completion pairs or chat conversations, labelled on outputs.
+"""Supervised fine-tuning data: prompt/completion pairs, chat conversations or plain text.
 
-A row is either ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", "content"},
-...]}`` ending with an assistant message. Labels follow the Hugging Face convention: aligned
-with ``input_ids`` (the loss shifts them), ``-100`` where no loss is taken.
+A row is one of TRL's formats:
+
+* ``{"prompt": str, "completion": str}``: loss on the completion;
+* ``{"prompt": [messages], "completion": [assistant messages]}`` (or a string completion):
+  rendered with the chat template, loss on the completion's messages only;
+* ``{"messages": [{"role", "content"}, ...]}`` ending with an assistant message, or ShareGPT's
+  ``{"conversations": [{"from", "value"}, ...]}``: loss on every assistant message;
+* ``{"text": str}`` (language modelling): loss on every token.
+
+Labels follow the Hugging Face convention: aligned with ``input_ids`` (the loss shifts
+them), ``-100`` where no loss is taken.
 """
 
 from __future__ import annotations
@@ -49,11 +57,13 @@ class SFTDataConfig(FileDataConfig):
             the start of the prompt and keeps the completion (cutting the completion's end
             only if it alone is too long); ``drop`` skips the row; ``error`` stops.
         include_prompt: also train on the prompt tokens.
-        add_eos: append the end-of-sequence token to each completion (prompt/completion rows;
-            chat templates add their own end-of-turn tokens).
+        add_eos: append the end-of-sequence token to each completion (prompt/completion and
+            text rows; chat templates add their own end-of-turn tokens).
         prompt_key: the column holding the prompt.
         completion_key: the column holding the completion.
         messages_key: the column holding a conversation.
+        conversations_key: the column holding a ShareGPT conversation (``from``/``value``).
+        text_key: the column holding a text to learn every token of.
         packing: padding-free batches: ``collate`` joins a micro-batch's sequences into one
             row with ``position_ids`` restarting at 0 for each (no ``attention_mask``; the
             model builds a block-diagonal causal mask from the positions).
@@ -66,6 +76,8 @@ class SFTDataConfig(FileDataConfig):
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     messages_key: str = "messages"
+    conversations_key: str = "conversations"
+    text_key: str = "text"
     packing: bool = False
 
 
@@ -78,8 +90,17 @@ class _Pair:
 
 @dataclass
 class _Chat:
+    """A conversation; assistant messages from ``first_target`` on are learnt."""
+
     where: str
     messages: list[dict[str, Any]]
+    first_target: int = 0
+
+
+@dataclass
+class _Text:
+    where: str
+    text: str
 
 
 @dataclass
@@ -138,30 +159,69 @@ class SFTData:
     def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
         rows = [self._parse(where, row) for where, row in read_rows(path)]
         skipped = DataReport()
-        fitted = [
-            self._fit(self._encode_pair(row, tokenizer) if isinstance(row, _Pair) else self._encode_chat(row, tokenizer), skipped)
-            for row in rows
-        ]
+        fitted = [self._fit(self._encode(row, tokenizer), skipped) for row in rows]
         return keep_fitting(path, fitted, skipped, report)
 
-    def _parse(self, where: str, row: dict[str, Any]) -> _Pair | _Chat:
-        """Check a row's shape: a conversation, or a prompt and a completion."""
+    def _parse(self, where: str, row: dict[str, Any]) -> _Pair | _Chat | _Text:
+        """Check a row's shape: a conversation, a prompt and a completion, or a text."""
         c = self.config
-        if row.get(c.messages_key) is not None:
-            return _Chat(where, _check_messages(row[c.messages_key], where, c.messages_key))
+        for key in (c.messages_key, c.conversations_key):
+            if row.get(key) is not None:
+                return _Chat(where, _check_messages(row[key], where, key))
         if c.prompt_key in row and c.completion_key in row:
-            for key in (c.prompt_key, c.completion_key):
-                if not isinstance(row[key], str):
-                    raise DataError(f"{where}: {key!r} must be a string, got {describe_type(row[key])}")
-            return _Pair(where, row[c.prompt_key], row[c.completion_key])
+            return self._parse_pair(where, row[c.prompt_key], row[c.completion_key])
+        if row.get(c.text_key) is not None:
+            if not isinstance(row[c.text_key], str):
+                raise DataError(f"{where}: {c.text_key!r} must be a string, got {describe_type(row[c.text_key])}")
+            return _Text(where, row[c.text_key])
         raise DataError(
-            f"{where}: expected {c.prompt_key!r} and {c.completion_key!r} strings or a {c.messages_key!r} "
-            f"list (got keys {sorted(row)})"
+            f"{where}: expected {c.prompt_key!r} and {c.completion_key!r} strings or a {c.messages_key!r} list "
+            f"(got keys {sorted(row)}); also read: {c.prompt_key!r} and {c.completion_key!r} messages, "
+            f"a {c.conversations_key!r} list (ShareGPT), a {c.text_key!r} string"
         )
+
+    def _parse_pair(self, where: str, prompt: Any, completion: Any) -> _Pair | _Chat:
+        """Strings are a plain pair; a list of prompt messages makes a conversation learnt on the completion."""
+        c = self.config
+        if isinstance(prompt, str):
+            if not isinstance(completion, str):
+                raise DataError(f"{where}: {c.completion_key!r} must be a string, got {describe_type(completion)}")
+            return _Pair(where, prompt, completion)
+        if not isinstance(prompt, list):
+            raise DataError(
+                f"{where}: {c.prompt_key!r} must be a string or a list of messages, got {describe_type(prompt)}"
+            )
+        messages = check_messages(prompt, where, c.prompt_key)
+        if messages[-1]["role"] == "assistant":
+            raise DataError(
+                f"{where}: {c.prompt_key!r} must not end with an assistant message (that is the completion)"
+            )
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        reply = check_messages(
+            completion, where, c.completion_key, expected="a string or a list of messages", role="assistant"
+        )
+        return _Chat(where, _check_messages([*messages, *reply], where, c.prompt_key), first_target=len(messages))
 
     # ----------------------------------------------------------------------------------
     # Tokenizing
     # ----------------------------------------------------------------------------------
+
+    def _encode(self, row: _Pair | _Chat | _Text, tokenizer: Any) -> _Encoded:
+        if isinstance(row, _Pair):
+            return self._encode_pair(row, tokenizer)
+        if isinstance(row, _Chat):
+            return self._encode_chat(row, tokenizer)
+        return self._encode_text(row, tokenizer)
+
+    def _encode_text(self, row: _Text, tokenizer: Any) -> _Encoded:
+        """Language modelling: every token is a target, so there is no prompt (evaluators get none)."""
+        input_ids = list(tokenizer(row.text, add_special_tokens=True)["input_ids"])
+        if self.config.add_eos:
+            if tokenizer.eos_token_id is None:
+                raise DataError(f"{row.where}: the tokenizer has no eos token to append; set data.add_eos: false")
+            input_ids.append(tokenizer.eos_token_id)
+        return _Encoded(row.where, input_ids, list(input_ids), prompt_len=0, prompt_ids=[], reference=row.text)
 
     def _encode_pair(self, row: _Pair, tokenizer: Any) -> _Encoded:
         prompt_ids = tokenizer(row.prompt, add_special_tokens=True)["input_ids"]
@@ -305,7 +365,7 @@ def _assistant_spans(row: _Chat, tokenizer: Any) -> tuple[str, list[tuple[int, i
     spans: list[tuple[int, int]] = []
     prompt_text = ""
     for i, message in enumerate(row.messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < row.first_target:
             continue
         before = render_chat(tokenizer, row.messages[:i], row.where, generation_prompt=True)
         through = render_chat(tokenizer, row.messages[: i + 1], row.where)
