@@ -111,7 +111,7 @@ def run(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) 
     result = train(_resolve(recipe, overrides, plugins), plugins, resume=resume, overwrite=overwrite)
     if not result.is_main:
         return  # under torchrun, the main process reports
-    click.echo(f"run folder: {result.run_dir}  (model in {result.run_dir / 'model'})")
+    click.echo(f"run folder: {result.run_dir}  (model in {result.run_dir / 'model'}; {result.wall_time:.0f} s)")
     if result.stopped:
         click.echo(f"stopped early at step {result.steps}: {result.stopped}")
     for key, after in result.last_eval.items():

@@ -9,6 +9,7 @@ folder and the lifecycle hooks. It reads top to bottom: ``train`` sets up, then
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,9 @@ __all__ = ["RunResult", "global_batch_indices", "train"]
 
 log = logging.getLogger("aligntk")
 
+#: Optimizer steps the logged ``tokens_per_s`` is averaged over.
+THROUGHPUT_WINDOW = 20
+
 @dataclass
 class RunResult:
     """What a finished run reports: its folder and the first and last evaluation."""
@@ -60,6 +65,7 @@ class RunResult:
     last_train: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None
     is_main: bool = True
+    wall_time: float = 0.0  # seconds this process spent in the run: loading, training, evaluation, saving
 
 
 def _count_tokens(batch: Batch) -> torch.Tensor:
@@ -72,9 +78,22 @@ def _count_tokens(batch: Batch) -> torch.Tensor:
 
 
 def train(
-    resolved: ResolvedRecipe, plugins: Plugins, *, resume: bool = False, overwrite: bool = False
+    resolved: ResolvedRecipe,
+    plugins: Plugins,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    reward_fns: Sequence[tuple[str, Callable[..., Any]]] = (),
 ) -> RunResult:
-    """Run a validated recipe to the end; return where it wrote and what it measured."""
+    """Run a validated recipe to the end; return where it wrote and what it measured.
+
+    ``model`` and ``tokenizer`` (in-memory, from ``aligntk.train``) replace loading
+    ``model:``; ``reward_fns`` are ``(name, fn)`` pairs scored after the recipe's rewards,
+    each with weight 1.
+    """
+    started = time.perf_counter()  # wall time counts model and data loading too
     recipe, spec = resolved.recipe, resolved.train
     plugins = plugins.without(resolved.disabled_plugins)  # `enabled: false` in the recipe's plugins section
     d = init_distributed(spec.device)
@@ -84,10 +103,12 @@ def train(
         base_dir = resolved.source.resolve().parent if resolved.source else Path.cwd()
 
         torch.manual_seed(recipe.seed)  # same initial weights on every process
-        tokenizer, policy, models = _load_models(resolved, base_dir, d.device)
+        tokenizer, policy, models = _load_models(resolved, base_dir, d.device, model, tokenizer)
         data = resolved.data.build()
-        rewards = [(c.weight, c.build()) for c in resolved.rewards]
-        splits = data.load(DataContext(tokenizer=tokenizer, seed=recipe.seed, run_dir=run_dir, rewards=rewards))
+        rewards = [(c.weight, c.build()) for c in resolved.rewards] + [(1.0, fn) for _, fn in reward_fns]
+        names = [c.name for c in resolved.rewards] + [name for name, _ in reward_fns]
+        ctx = DataContext(tokenizer=tokenizer, seed=recipe.seed, run_dir=run_dir, rewards=rewards, reward_names=names)
+        splits = data.load(ctx)
         _check_setup(resolved, splits, d)
 
         update = resolved.update.build()
@@ -166,6 +187,7 @@ def train(
             scheduler=scheduler,
             precision=precision,
         )
+        trainer.started = started
         trainer.tokens_seen = int(trainer_state.get("tokens_seen", 0))
         trainer.skips = _Skips(int(trainer_state.get("skipped_steps", 0)), int(trainer_state.get("skipped_in_a_row", 0)))
         trainer.batches.load_state_dict(trainer_state.get("data") or {})
@@ -175,22 +197,30 @@ def train(
 
 
 def _load_models(
-    resolved: ResolvedRecipe, base_dir: Path, device: torch.device
+    resolved: ResolvedRecipe,
+    base_dir: Path,
+    device: torch.device,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
 ) -> tuple[Any, torch.nn.Module, dict[str, torch.nn.Module]]:
     """The tokenizer, the policy, and a frozen model for every other role the losses declare.
 
     A ``model.path`` that is an adapter folder loads as base + adapter (``model.adapter``), so
     a role that defaults to the policy as it starts (DPO's and GRPO's ``reference``) is that
     model, adapter included or merged: never the bare base.
+
+    An in-memory ``model`` or ``tokenizer`` (``aligntk.train``) is used as given instead of
+    loading ``recipe.model``.
     """
     recipe = resolved.recipe
-    tokenizer = load_tokenizer(recipe.model, base_dir)
-    policy = build_model(recipe.model, tokenizer, base_dir)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(recipe.model, base_dir)
+    policy = model if model is not None else build_model(recipe.model, tokenizer, base_dir)
     frozen: dict[str, torch.nn.Module] = {}
     for role in resolved.roles()[1:]:
         if role in recipe.models:
-            model = build_model(recipe.models[role], tokenizer, base_dir, key=f"models.{role}")
-            frozen[role] = Frozen(model).to(device)
+            other = build_model(recipe.models[role], tokenizer, base_dir, key=f"models.{role}")
+            frozen[role] = Frozen(other).to(device)
         else:  # the reference defaults to the policy as it starts
             frozen[role] = frozen_copy(policy).to(device)
     return tokenizer, policy, frozen
@@ -340,6 +370,8 @@ class _Trainer:
         self.skips = _Skips()
         self.signals = _StopSignals()
         self._listed: set[str] = set()  # run-folder entries already in the run manifest
+        self.started = time.perf_counter()
+        self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=THROUGHPUT_WINDOW)
         names = [c.name for c in self.resolved.losses]
         # Metric prefixes: the loss name, with its index when a recipe uses a loss twice.
         self.loss_keys = [n if names.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(names)]
@@ -398,6 +430,7 @@ class _Trainer:
                 result.last_eval = self.evaluate(result.steps)
             if self.d.is_main:
                 self.save_model()
+            result.wall_time = time.perf_counter() - self.started
         except BaseException as exc:
             error = exc
             raise
@@ -471,8 +504,9 @@ class _Trainer:
             "lr": lr,
             "grad_norm": grad_norm_value,
             "tokens": n_tokens,
-            "tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
+            "tokens_per_s": self._throughput(n_tokens, elapsed),
             "step_time": elapsed,
+            "wall_time": time.perf_counter() - self.started,
         }
         if self.skips.total:
             metrics.update({"skipped": float(skipped), "skipped_steps": float(self.skips.total)})
@@ -481,6 +515,13 @@ class _Trainer:
         metrics.update(metric_sums.results(values[n_losses:], loss_counts))
         metrics["stop_signal"] = stop_signal
         return metrics
+
+    def _throughput(self, tokens: float, seconds: float) -> float:
+        """Tokens per second over the last ``THROUGHPUT_WINDOW`` steps: one step's value swings
+        with the batch's lengths and the machine's other load; a window reads steadily."""
+        self._recent.append((tokens, seconds))
+        total = sum(t for _, t in self._recent)
+        return sum(n for n, _ in self._recent) / total if total > 0 else 0.0
 
     def _apply_update(self, step: int, loss_value: float, grad_norm: float) -> bool:
         """Step the optimizer only on a finite loss and finite gradients; return whether the update was dropped.

@@ -97,7 +97,7 @@ def aligntk_register_commands(cli: Any) -> None:
 
     ``cli`` is the root ``click.Group``. A method whose workflow spans several runs
     (the weak-to-strong protocol, say) adds its command here; it should build its
-    runs with ``aligntk.train`` so they share the engine. A command name that
+    runs with ``aligntk.run_resolved`` so they share the engine. A command name that
     is already taken is an error naming the plugin.
     """
 
@@ -159,7 +159,8 @@ def aligntk_on_step_end(run: RunInfo, step: int, metrics: dict[str, float]) -> s
     """Called after each logged optimizer step with that step's metrics.
 
     ``metrics`` holds ``loss``, ``lr`` (the rate this step used), ``grad_norm``
-    (before clipping), ``tokens``, ``tokens_seen``, ``tokens_per_s``, ``step_time``
+    (before clipping), ``tokens``, ``tokens_seen``, ``tokens_per_s`` (over the last 20 steps),
+    ``step_time``, ``wall_time`` (seconds since the run started)
     and each loss metric. Return a non-empty string to stop the run
     after this step (the string is the reason, reported to the user and written to
     the run folder); return ``None`` to go on. Any one plugin's stop request stops

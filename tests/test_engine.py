@@ -295,3 +295,17 @@ def test_a_saved_model_folder_is_a_starting_point(tiny: dict[str, Any], tmp_path
     recipe = {**tiny, "model": {"path": str(first.run_dir / "model")}}
     second = run_recipe(recipe, ["train.max_steps=1", f"output_dir={tmp_path / 'second'}"])
     assert second.first_eval["eval_loss"] == pytest.approx(first.last_eval["eval_loss"], rel=1e-5)
+
+
+def test_tokens_per_s_is_over_a_window_and_wall_time_grows(tiny: dict[str, Any]) -> None:
+    from aligntk.engine import THROUGHPUT_WINDOW
+
+    result = run_recipe(tiny, [f"train.max_steps={THROUGHPUT_WINDOW + 5}"])
+    records = read_metrics(result.run_dir)
+    for i, r in enumerate(records):
+        window = records[max(0, i + 1 - THROUGHPUT_WINDOW) : i + 1]
+        expected = sum(w["tokens"] for w in window) / sum(w["step_time"] for w in window)
+        assert r["tokens_per_s"] == pytest.approx(expected, rel=1e-9)
+    walls = [r["wall_time"] for r in records]
+    assert walls == sorted(walls) and walls[0] > 0
+    assert result.wall_time >= walls[-1]
