@@ -46,7 +46,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
-    from .engine import train
+    from .api import run_resolved, train
     from .logprobs import ChunkSize, TokenLogps, logps_from_logits, prepends_positions, token_logps
     from .models import frozen_copy, unwrap
 
@@ -61,7 +61,8 @@ _LAZY: dict[str, str] = {
     "token_logps": "logprobs",
     "frozen_copy": "models",
     "unwrap": "models",
-    "train": "engine",
+    "run_resolved": "api",
+    "train": "api",
 }
 
 
@@ -145,10 +146,12 @@ __all__ = [
     # Metrics shipped as local evaluate modules (aligntk's, or a plugin's own folder).
     "available_metrics",
     "load_metric",
-    # Runs, for commands that build and train recipes (the weak-to-strong protocol).
+    # Runs: ``train`` from Python (recipe plus in-memory model, datasets, reward functions);
+    # ``run_resolved``, the engine's run of a validated recipe, for commands (the weak-to-strong protocol).
     "ComponentSpec",
     "format_errors",
     "read_recipe",
+    "run_resolved",
     "train",
     "validate_recipe",
 ]

@@ -65,8 +65,37 @@ def with_split(path: Path, split: str | None) -> Path:
     return Path(path).with_name(f"{Path(path).name}:{split}")
 
 
+#: Rows handed over in memory (``aligntk.train``'s datasets), by the stand-in path a data config names.
+_IN_MEMORY: dict[Path, tuple[str, Sequence[Any]]] = {}
+
+
+@contextmanager
+def in_memory_rows(name: str, rows: Sequence[Any]) -> Iterator[Path]:
+    """A stand-in path under which :func:`read_rows` yields ``rows`` while the context lasts.
+
+    The path (``/aligntk:in-memory/<name>``) goes into a data config's ``path`` like a file's,
+    so the component reads the rows exactly as it reads a file's; each is named
+    ``"<name>: row 5"`` (1-based) in messages. Nothing is written to disk.
+    """
+    path = Path("/aligntk:in-memory") / name
+    if path in _IN_MEMORY:
+        raise DataError(f"{name}: in-memory rows with this name are already in use")
+    _IN_MEMORY[path] = (name, rows)
+    try:
+        yield path
+    finally:
+        del _IN_MEMORY[path]
+
+
+def _read_in_memory(name: str, rows: Sequence[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{name}: row {i}: expected an object (a dict of fields), got {describe_type(row)}")
+        yield f"{name}: row {i}", row
+
+
 def _data_must_exist(value: Path) -> Path:
-    if not value.exists() and split_path(value) is None:
+    if not value.exists() and split_path(value) is None and value not in _IN_MEMORY:
         raise ValueError(f"file not found: {value}")
     return value
 
@@ -100,9 +129,11 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """
     path = Path(path)
     named = split_path(path)
-    if named is not None or path.is_dir():
+    if path in _IN_MEMORY:  # aligntk.train's in-memory dataset
+        rows_of: Iterator[tuple[str, dict[str, Any]]] = _read_in_memory(*_IN_MEMORY[path])
+    elif named is not None or path.is_dir():
         folder, split = named if named is not None else (path, None)
-        rows_of: Iterator[tuple[str, dict[str, Any]]] = _read_saved(folder, split)  # a generator: reads when iterated
+        rows_of = _read_saved(folder, split)  # a generator: reads when iterated
     else:
         suffix = path.suffix.lower()
         if suffix not in SUPPORTED_EXTENSIONS:
@@ -128,7 +159,8 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if rows == 0:
-        raise DataError(f"{path}: the file has no rows")
+        label = _IN_MEMORY[path][0] if path in _IN_MEMORY else path
+        raise DataError(f"{label}: the file has no rows" if label is path else f"{label}: the dataset has no rows")
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -186,6 +186,8 @@ class DataContext:
     run_dir: Path | None = None
     #: The recipe's ``rewards``: ``(weight, reward component)`` pairs, for rollout data.
     rewards: list[tuple[float, Any]] = field(default_factory=list)
+    #: The name of each of ``rewards`` (registered name or Python function name), for ``reward/<name>`` metrics.
+    reward_names: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------

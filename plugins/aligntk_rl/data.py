@@ -82,6 +82,7 @@ class RolloutData:
             raise DataError("rollout data needs rewards: add a 'rewards' list to the recipe")
         require_pad_token(ctx.tokenizer)
         self.tokenizer, self.rewards = ctx.tokenizer, ctx.rewards
+        self.reward_names = _unique(ctx.reward_names or [_name_of(r) for _, r in ctx.rewards])
         return load_splits(self.config, ctx.seed, lambda path, report: self._read(path), tokenizer=ctx.tokenizer)
 
     def _read(self, path: Any) -> list[Example]:
@@ -118,9 +119,14 @@ class RolloutData:
         completions = [_until_eos(row, tok.eos_token_id, tok.pad_token_id) for row in generated]
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         rewards = torch.zeros(len(group))
-        for weight, reward in self.rewards:
+        parts: dict[str, torch.Tensor] = {}  # each reward's own scores, logged as reward/<name>
+        for name, (weight, reward) in zip(self.reward_names, self.rewards):
             scores = reward([e["prompt"] for e in group], texts, references=[e["reference"] for e in group])
-            rewards += weight * torch.as_tensor(scores, dtype=torch.float32).cpu()
+            scores = torch.as_tensor(scores, dtype=torch.float32).cpu().reshape(-1)
+            if scores.numel() != len(group):
+                raise DataError(f"reward {name!r}: returned {scores.numel()} scores for {len(group)} completions")
+            parts[name] = scores
+            rewards += weight * scores
 
         rows = [
             {"input_ids": e["prompt_ids"] + comp, "labels": [IGNORE_INDEX] * len(e["prompt_ids"]) + comp}
@@ -141,6 +147,7 @@ class RolloutData:
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             row.update({k: v[i, :n].tolist() for k, v in per_token.items()}, reward=float(rewards[i]))
+            row["reward_parts"] = {name: float(v[i]) for name, v in parts.items()}
         return rows
 
     def _value_head(self, models: Models) -> torch.nn.Module | None:
@@ -159,13 +166,16 @@ class RolloutData:
         return pad_tokens([r["input_ids"] for r in rows], self.tokenizer.pad_token_id, [r["labels"] for r in rows])
 
     def collate(self, examples: Sequence[Example]) -> Batch:
-        """The token fields, the per-token rollout fields ``[B, T]`` float32 (0 on padding), ``rewards`` ``[B]``."""
+        """The token fields, the per-token rollout fields ``[B, T]`` float32 (0 on padding), ``rewards`` ``[B]``
+        (weighted sum) and each reward's own scores ``reward/<name>`` ``[B]``."""
         batch = self.collate_tokens(examples)
         width = batch["input_ids"].size(1)
         for name in ("old_logps", "ref_logps", "advantages", "old_values", "returns"):
             if name in examples[0]:
                 batch[name] = pad([e[name] for e in examples], 0.0, width=width, dtype=torch.float32)
         batch["rewards"] = torch.tensor([e["reward"] for e in examples])
+        for name in examples[0].get("reward_parts", {}):
+            batch[f"reward/{name}"] = torch.tensor([e["reward_parts"][name] for e in examples])
         return batch
 
 
@@ -174,3 +184,20 @@ def _until_eos(row: list[int], eos: int | None, pad_id: int) -> list[int]:
     if eos is not None and eos in row:
         return row[: row.index(eos) + 1]
     return [t for t in row if t != pad_id] or row[:1]
+
+
+def _name_of(reward: Any) -> str:
+    """A reward's name for metrics: a function's ``__name__``, else its class name."""
+    return str(getattr(reward, "__name__", None) or type(reward).__name__)
+
+
+def _unique(names: Sequence[str]) -> list[str]:
+    """``names`` with repeats numbered (``ones``, ``ones_2``), so each reward logs under its own key."""
+    out: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in out:
+            n += 1
+            candidate = f"{name}_{n}"
+        out.append(candidate)
+    return out

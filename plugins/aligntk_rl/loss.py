@@ -137,6 +137,8 @@ class GRPOLoss:
             "clip_fraction": ((clipped.float() * mask).sum(), n_tokens),
             "entropy": ((entropy * mask).sum(), n_tokens),
             "completion_length": (n_tokens, n_seqs),
+            # each reward's own mean (rollout data's reward/<name> fields)
+            **{k: (v.float().sum(), n_seqs) for k, v in batch.items() if k.startswith("reward/")},
         }
         return loss_sum, metrics
 

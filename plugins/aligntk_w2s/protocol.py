@@ -170,11 +170,11 @@ class W2SProtocol:
 
     def run_recipe(self, raw: dict[str, Any], overwrite: bool) -> RunSummary:
         """Validate and train one recipe (the engine's ``train``); summarize its test accuracy."""
-        from aligntk import train  # the engine loads only when a run trains
+        from aligntk import run_resolved  # the engine loads only when a run trains
 
         resolved = validate_recipe(raw, self.plugins.registry, source=self.source)
         log.info("w2s: training %s", raw["output_dir"])
-        result = train(resolved, self.plugins, overwrite=overwrite)
+        result = run_resolved(resolved, self.plugins, overwrite=overwrite)
         return read_summary(result.run_dir)
 
     def label(self, weak_dir: Path, half_b: Path, seed: int) -> Path:
