@@ -189,7 +189,9 @@ def train(
         )
         trainer.started = started
         trainer.tokens_seen = int(trainer_state.get("tokens_seen", 0))
-        trainer.skips = _Skips(int(trainer_state.get("skipped_steps", 0)), int(trainer_state.get("skipped_in_a_row", 0)))
+        trainer.skips = _Skips(
+            int(trainer_state.get("skipped_steps", 0)), int(trainer_state.get("skipped_in_a_row", 0))
+        )
         trainer.batches.load_state_dict(trainer_state.get("data") or {})
         return trainer.fit()
     finally:
@@ -541,12 +543,10 @@ class _Trainer:
         if self.precision.scaler is not None:
             self.precision.scaler.update()  # lowers the scale; unscale_ was called for this step
         what = f"the gradient norm is {grad_norm}" if math.isfinite(loss_value) else f"the loss is {loss_value}"
-        last = ckpt.latest_checkpoint(self.info.run_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         if self.spec.on_nonfinite == "stop" and not scaler_overflow:
             raise TrainingError(
-                f"step {step}: {what} (not finite); stopped before applying this update, {kept}. Lower "
-                "update.learning_rate, use precision bf16 rather than fp16, check the data, or set "
+                f"step {step}: {what} (not finite); stopped before applying this update, {self._last_good()}. "
+                "Lower update.learning_rate, use precision bf16 rather than fp16, check the data, or set "
                 "train.on_nonfinite: skip"
             )
         self.skips.total += 1
@@ -554,10 +554,15 @@ class _Trainer:
         log.warning("step %d: %s (not finite): this update was dropped (%d in a row)", step, what, self.skips.in_a_row)
         if self.skips.in_a_row >= self.spec.max_skipped_steps:
             raise TrainingError(
-                f"step {step}: {self.skips.in_a_row} updates in a row were dropped ({what}); stopped, {kept}. "
-                "Lower update.learning_rate or check the data (train.max_skipped_steps sets the limit)"
+                f"step {step}: {self.skips.in_a_row} updates in a row were dropped ({what}); stopped, "
+                f"{self._last_good()}. Lower update.learning_rate or check the data (train.max_skipped_steps sets the limit)"
             )
         return True
+
+    def _last_good(self) -> str:
+        """The newest checkpoint that verifies, for a message; only read when stopping (it hashes files)."""
+        last = ckpt.latest_checkpoint(self.info.run_dir)
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 
     def _backward(self, total: torch.Tensor) -> None:
         scaler = self.precision.scaler
