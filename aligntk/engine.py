@@ -37,7 +37,9 @@ from .models import (
     count_parameters,
     frozen_copy,
     heads_of,
+    is_peft_model,
     load_tokenizer,
+    save_merged,
     save_pretrained,
     unwrap,
 )
@@ -114,6 +116,11 @@ def train(
         update = resolved.update.build()
         losses = [c.build() for c in resolved.losses]
         policy = update.prepare(policy)
+        if recipe.model.save_merged and not _mergeable(policy):
+            raise AligntkError(
+                f"model.save_merged: update {resolved.update.name!r} trains no LoRA adapter to merge "
+                "(the run's model/ is already a whole model)"
+            )
         attach_heads(policy, _declared_heads(resolved, losses, policy))
         policy = policy.to(d.device)
         if spec.gradient_checkpointing:
@@ -256,6 +263,13 @@ def _check_setup(resolved: ResolvedRecipe, splits: DataSplits, d: Dist) -> None:
         raise AligntkError(
             "evaluators: there are no evaluation examples to run them on; set data.eval_path or data.eval_fraction"
         )
+
+
+def _mergeable(model: torch.nn.Module) -> bool:
+    """A peft model whose adapters are all LoRA: what ``merge_and_unload`` can fold into the weights."""
+    if not is_peft_model(model):
+        return False
+    return all(str(c.peft_type).endswith("LORA") for c in unwrap(model).peft_config.values())
 
 
 def _enable_checkpointing(model: torch.nn.Module) -> None:
@@ -669,6 +683,13 @@ class _Trainer:
         elif final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        if self.resolved.recipe.model.save_merged:  # base + LoRA adapter as one plain model
+            merged, tmp = self.info.run_dir / "model-merged", self.info.run_dir / ".tmp-model-merged"
+            record_written(self.info.run_dir, also=[tmp.name])
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_merged(self.policy, self.tokenizer, tmp)
+            shutil.rmtree(merged, ignore_errors=True)
+            tmp.rename(merged)
 
     def _write(self, record: dict[str, Any]) -> None:
         with self.metrics_file.open("a", encoding="utf-8") as f:

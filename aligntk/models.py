@@ -9,6 +9,7 @@ import inspect
 import json
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,13 +206,146 @@ def _broken_file(folder: Path, kind: str) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------------------
+# GGUF checkpoints (llama.cpp's format), read by transformers through the gguf package
+# --------------------------------------------------------------------------------------
+
+
+def gguf_location(path: str | Path, gguf_file: str | None = None) -> tuple[Path, str]:
+    """``(folder, file name)`` of a GGUF checkpoint: ``path`` is the file itself, or the folder
+    that holds ``gguf_file``."""
+    path = Path(path)
+    if gguf_file is None and path.suffix.lower() == ".gguf":
+        return path.parent, path.name
+    if gguf_file is None:
+        raise AligntkError(f"{path}: not a .gguf file; name the file inside this folder with model.gguf_file")
+    file = Path(gguf_file)
+    if file.is_absolute() or file.parent != Path("."):
+        return file.parent if file.is_absolute() else path / file.parent, file.name
+    return path, gguf_file
+
+
+#: What reading a broken GGUF file raises (gguf's reader unpacks with struct and maps with numpy).
+_GGUF_READ_ERRORS = (ValueError, OSError, EOFError, IndexError, KeyError, struct.error)
+
+
+def _require_gguf(key: str) -> None:
+    try:
+        import gguf  # noqa: F401  (transformers imports it itself; this is for the error message)
+    except ImportError:
+        raise AligntkError(
+            f"{key}: reading a GGUF checkpoint needs the gguf package: pip install 'aligntk[gguf]'"
+        ) from None
+
+
+def load_gguf_tokenizer(folder: Path, file: str, key: str = "model.gguf_file") -> PreTrainedTokenizerBase:
+    """The tokenizer (vocabulary, merges, special tokens, chat template) stored in a GGUF file."""
+    _require_gguf(key)
+    if not (folder / file).is_file():
+        raise AligntkError(f"{key}: {folder / file}: no such GGUF file")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), gguf_file=file)
+    except _GGUF_READ_ERRORS as exc:  # a truncated file, not a GGUF file, an architecture transformers lacks
+        raise AligntkError(f"{key}: {folder / file}: cannot read this GGUF file: {_one_line(exc)}") from None
+
+
+def load_gguf_model(
+    folder: Path, file: str, *, task: str = "causal_lm", dtype: str = "float32", key: str = "model.gguf_file", **kwargs: Any
+) -> torch.nn.Module:
+    """A plain transformers model with the weights of a GGUF file, dequantized to ``dtype``.
+
+    transformers dequantizes GGUF weights (4-bit Q4_1 and the like become float) but marks the
+    model as quantized and refuses ``save_pretrained`` on it; the model is rebuilt from its config
+    without the quantization entry and the weights copied in, so it trains, saves and reloads as
+    any Hugging Face model.
+    """
+    _require_gguf(key)
+    if not (folder / file).is_file():
+        raise AligntkError(f"{key}: {folder / file}: no such GGUF file")
+    auto = _AUTO_CLASSES[task]
+    try:
+        loaded = auto.from_pretrained(str(folder), gguf_file=file, dtype=_DTYPES[dtype], **kwargs)
+    except _GGUF_READ_ERRORS as exc:
+        raise AligntkError(f"{key}: {folder / file}: cannot read this GGUF file: {_one_line(exc)}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = ""  # these weights are on no disk in Hugging Face format
+    with torch.device("meta"):
+        plain = auto.from_config(config, **{k: v for k, v in kwargs.items() if k != "trust_remote_code"})
+    plain.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    buffers = dict(loaded.named_buffers())  # non-persistent ones (rotary inv_freq) are in no state dict
+    for name, buffer in list(plain.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            plain.get_submodule(owner).register_buffer(attr, buffers[name], persistent=False)
+    plain.tie_weights()
+    return plain.to(_DTYPES[dtype])
+
+
+def gguf_files_in_package(distribution: str) -> list[Path]:
+    """The ``.gguf`` files an installed distribution ships (found from its file list; nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution as find
+
+    try:
+        dist = find(distribution)
+    except PackageNotFoundError:
+        raise AligntkError(f"{distribution}: no such installed package (pip install --no-deps {distribution})") from None
+    found = [Path(str(dist.locate_file(f))) for f in dist.files or () if str(f).lower().endswith(".gguf")]
+    if not found:
+        raise AligntkError(f"{distribution}: the package ships no .gguf file")
+    return sorted(found)
+
+
+def import_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32", task: str = "causal_lm") -> Path:
+    """Convert a GGUF checkpoint once into a Hugging Face folder (config, safetensors, tokenizer).
+
+    Written to ``out_dir.tmp`` and renamed, so an interrupted import leaves nothing half-written;
+    ``aligntk-import.json`` records the source file, its size and SHA-256, and that the weights
+    were dequantized.
+    """
+    import hashlib
+    import shutil
+
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists():
+        raise AligntkError(f"{out_dir}: already exists; choose another folder or remove it")
+    folder, file = gguf_location(gguf_path)
+    tokenizer = load_gguf_tokenizer(folder, file, str(gguf_path))
+    model = load_gguf_model(folder, file, task=task, dtype=dtype, key=str(gguf_path))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    record = {
+        "source": str(gguf_path),
+        "bytes": gguf_path.stat().st_size,
+        "sha256": digest.hexdigest(),
+        "dtype": dtype,
+        "note": "weights dequantized from the GGUF file's quantization (for example Q4_1, 4-bit) to dtype",
+    }
+    (tmp / "aligntk-import.json").write_text(json.dumps(record, indent=2) + "\n")
+    tmp.rename(out_dir)
+    return out_dir
+
+
 def load_tokenizer(spec: ModelSpec, base_dir: Path, key: str = "model") -> PreTrainedTokenizerBase:
     """The tokenizer named by ``spec.tokenizer`` (or ``spec.path``), with a pad token."""
     name = spec.tokenizer or spec.path
     assert name is not None  # the recipe validator guarantees one of them
     source = _source(name, base_dir, f"{key}.tokenizer" if spec.tokenizer else f"{key}.path")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+        if spec.tokenizer is None and (spec.gguf_file is not None or source.lower().endswith(".gguf")):
+            folder, file = gguf_location(source, spec.gguf_file)
+            tokenizer = load_gguf_tokenizer(folder, file, f"{key}.gguf_file")
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
     except Exception as exc:  # a broken file surfaces as JSONDecodeError, KeyError, a bare Exception ...
         broken = _broken_file(Path(source), "tokenizer")
         if broken is None and not isinstance(exc, (OSError, ValueError)):
@@ -247,6 +381,9 @@ def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, base_dir: P
                 options.setdefault(name, getattr(tokenizer, name))
             config = AutoConfig.for_model(**options)
             model = auto.from_config(config, **kwargs)
+        elif source is not None and (spec.gguf_file is not None or source.lower().endswith(".gguf")):
+            folder, file = gguf_location(source, spec.gguf_file)
+            model = load_gguf_model(folder, file, task=spec.task, dtype=spec.dtype, key=f"{key}.gguf_file", **kwargs)
         elif source is not None and is_adapter_folder(Path(source)):
             model = _from_adapter(spec, Path(source), auto, kwargs, key)
         else:
@@ -392,6 +529,30 @@ def save_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
             inner.add_module(HEADS, heads)
     if heads is not None:
         save_model(heads, str(Path(folder) / "heads.safetensors"))
+    tokenizer.save_pretrained(folder)
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """A peft model (LoRA, prompt tuning ...): its ``save_pretrained`` writes only the adapter."""
+    return hasattr(unwrap(model), "peft_config")
+
+
+def save_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """A LoRA run's base + adapter folded into one plain Hugging Face model (``model.save_merged``).
+
+    The merge runs on a copy, so the trained adapter is untouched; trainable heads are left out
+    (they are in the adapter folder's ``heads.safetensors``).
+    """
+    inner = unwrap(model)
+    heads = inner._modules.pop(HEADS, None)
+    try:
+        merged = copy.deepcopy(inner)
+    finally:
+        if heads is not None:
+            inner.add_module(HEADS, heads)
+    merged = merged.merge_and_unload()
+    merged.config._name_or_path = ""
+    merged.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 

@@ -90,6 +90,16 @@ class ModelSpec(StrictModel):
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = "sdpa"
+    gguf_file: str | None = Field(
+        default=None,
+        description=(
+            "a GGUF file inside 'path' (or a path to one) to load through transformers and the gguf package; "
+            "quantized weights are dequantized to 'dtype'"
+        ),
+    )
+    save_merged: bool = Field(
+        False, description="a LoRA run also writes model-merged/: base + adapter folded into one plain model"
+    )
     adapter: Literal["merge", "continue"] = Field(
         "merge",
         description=(
@@ -107,6 +117,8 @@ class ModelSpec(StrictModel):
             raise ValueError("'config' needs a 'model_type' (for example llama or gpt2)")
         if self.config is not None and self.tokenizer is None:
             raise ValueError("a model built from 'config' needs a 'tokenizer' folder")
+        if self.gguf_file is not None and self.path is None:
+            raise ValueError("'gguf_file' needs 'path' (the folder it is in, or the file itself)")
         return self
 
 

@@ -19,6 +19,7 @@ import torch
 from aligntk_update import load_adapter
 from safetensors import safe_open
 
+from aligntk import AligntkError
 from aligntk.models import build_model, load_tokenizer
 from aligntk.recipe import ModelSpec
 from aligntk.testing import (
@@ -121,3 +122,26 @@ def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(tmp_path: Pat
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_save_merged_writes_a_plain_model_equal_to_base_plus_adapter(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_tiny_assets(tmp_path)
+    recipe["update"] = dict(LORA)
+    recipe["model"]["save_merged"] = True
+    run_dir = run_recipe(recipe, ["train.max_steps=2"]).run_dir
+    merged_dir = run_dir / "model-merged"
+    assert (merged_dir / "config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert torch.allclose(_logits(merged), _logits(load_adapter(run_dir / "model")), atol=1e-5)
+    assert (run_dir / "model" / "adapter_config.json").is_file()  # the adapter itself is still saved
+    manifest = json.loads((run_dir / "aligntk-run.json").read_text())
+    assert "model-merged" in json.dumps(manifest)
+
+
+def test_save_merged_without_a_lora_adapter_is_refused(tmp_path: Path) -> None:
+    recipe = write_tiny_assets(tmp_path)
+    recipe["model"]["save_merged"] = True
+    with pytest.raises(AligntkError, match="model.save_merged: update 'full' trains no LoRA adapter"):
+        run_recipe(recipe, ["train.max_steps=1"])

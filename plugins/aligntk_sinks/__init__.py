@@ -1,0 +1,1 @@
+"""Logging sinks: TensorBoard, Weights & Biases (offline), MLflow (local store) and CSV, off by default."""
