@@ -249,6 +249,8 @@ def import_cmd(source: str | None, out_dir: str, package: str | None, dtype: str
         gguf = Path(source)
         if not gguf.is_file():
             raise AligntkError(f"{source}: no such file")
+        if gguf.suffix.lower() != ".gguf":
+            raise AligntkError(f"--gguf {source}: not a .gguf file")
     out = import_gguf(gguf, Path(out_dir), dtype=dtype)
     click.echo(f"imported {gguf.name} into {out} (weights dequantized to {dtype})")
 

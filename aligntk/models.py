@@ -65,6 +65,10 @@ def check_resources(resolved: ResolvedRecipe) -> None:
                 name = getattr(spec, field)
                 if name is not None:
                     _source(name, base_dir, f"{key}.{field}")
+            if spec.gguf_file is not None and spec.path is not None:
+                folder, file = gguf_location(_source(spec.path, base_dir, f"{key}.path"), spec.gguf_file)
+                if not (folder / file).is_file():
+                    raise AligntkError(f"{key}.gguf_file: {folder / file}: no such GGUF file")
         resolve_device(recipe.train.device)
     except AligntkError as exc:
         raise AligntkError(f"{source}: {exc}" if source is not None else str(exc)) from None
@@ -312,8 +316,8 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32", task:
     if out_dir.exists():
         raise AligntkError(f"{out_dir}: already exists; choose another folder or remove it")
     folder, file = gguf_location(gguf_path)
-    tokenizer = load_gguf_tokenizer(folder, file, str(gguf_path))
-    model = load_gguf_model(folder, file, task=task, dtype=dtype, key=str(gguf_path))
+    tokenizer = load_gguf_tokenizer(folder, file, "import")  # the messages name the file themselves
+    model = load_gguf_model(folder, file, task=task, dtype=dtype, key="import")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
