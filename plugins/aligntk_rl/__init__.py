@@ -1,11 +1,13 @@
-"""Online policy optimization as a loss: rollouts from the current policy, GRPO / PPO-clip.
+"""Online policy optimization as a loss: rollouts from the current policy, GRPO / PPO-clip, best-of-N.
 
-Registers data ``rollout``; losses ``grpo`` and ``ppo`` (with a learned value head);
-rewards ``exact_answer`` and ``reward_model`` (a model trained with the
-``reward_model`` loss); and parts (``aligntk_register_parts``) of three kinds it
-defines (protocols in ``aligntk_rl.protocols``): advantage estimators ``group``, ``rloo``
-and ``gae``; KL estimators ``k1``, ``k2``, ``k3``; aggregations ``token``, ``sequence``
-and ``fixed_length``. Every online method picks them by name, and methods compare
+Registers data ``rollout``; losses ``grpo``, ``ppo`` (with a learned value head) and
+``best_of_n`` (rejection-sampling fine-tuning); rewards ``exact_answer`` and
+``reward_model`` (a model trained with the ``reward_model`` loss); and parts
+(``aligntk_register_parts``) of four kinds it defines (protocols in
+``aligntk_rl.protocols`` and ``aligntk_rl.variants``): advantage estimators ``group``,
+``rloo``, ``gae`` and ``best_of_n`` (a selection); KL estimators ``k1``, ``k2``, ``k3``;
+aggregations ``token``, ``sequence`` and ``fixed_length``; policy surrogates ``clip``,
+``cispo`` and ``sapo``. Every online method picks them by name, and methods compare
 under the same ones; another plugin adds its own by registering a part of the same kind.
 """
 
@@ -14,14 +16,19 @@ from __future__ import annotations
 from aligntk import Register, RegisterPart, hookimpl
 
 from . import estimators as est
+from . import variants
+from .best_of_n import BestOfNLoss, BestOfNSelection
 from .data import RolloutData
 from .loss import GRPOLoss, PPOLoss
 from .protocols import AdvantageEstimator, Aggregation, KLEstimator, Scored
 from .rewards import ExactAnswer, RewardModelScore
+from .variants import Surrogate
 
 __all__ = [
     "AdvantageEstimator",
     "Aggregation",
+    "BestOfNLoss",
+    "BestOfNSelection",
     "ExactAnswer",
     "GRPOLoss",
     "KLEstimator",
@@ -29,6 +36,7 @@ __all__ = [
     "RewardModelScore",
     "RolloutData",
     "Scored",
+    "Surrogate",
 ]
 
 
@@ -41,6 +49,7 @@ def aligntk_register_data(register: Register) -> None:
 def aligntk_register_losses(register: Register) -> None:
     register("grpo", GRPOLoss)
     register("ppo", PPOLoss)
+    register("best_of_n", BestOfNLoss)
 
 
 @hookimpl
@@ -54,9 +63,13 @@ def aligntk_register_parts(register: RegisterPart) -> None:
     register("advantage", "group", est.GroupAdvantage)
     register("advantage", "rloo", est.RLOOAdvantage)
     register("advantage", "gae", est.GAEAdvantage)
+    register("advantage", "best_of_n", BestOfNSelection)
     register("kl", "k1", est.K1)
     register("kl", "k2", est.K2)
     register("kl", "k3", est.K3)
     register("aggregation", "token", est.TokenMean)
     register("aggregation", "sequence", est.SequenceMean)
     register("aggregation", "fixed_length", est.FixedLength)
+    register("surrogate", "clip", variants.ClipSurrogate)
+    register("surrogate", "cispo", variants.CISPOSurrogate)
+    register("surrogate", "sapo", variants.SAPOSurrogate)

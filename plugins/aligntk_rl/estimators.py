@@ -7,10 +7,10 @@ Each is a pure function of tensors plus a small component class around it.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 
 from aligntk import ComponentConfig
 
@@ -29,23 +29,36 @@ class _Configured:
 # --------------------------------------------------------------------------------------
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool | str = True) -> torch.Tensor:
     """GRPO's group-normalized advantages (Shao et al. 2024, https://arxiv.org/abs/2402.03300).
 
     Args:
         rewards: ``[P, G]``: ``G`` completions for each of ``P`` prompts.
-        eps: added to the group's standard deviation; a group whose rewards are all equal
-            gets advantage 0, not NaN.
-        scale: divide by the group's standard deviation (Dr. GRPO turns it off).
+        eps: added to the standard deviation; a group whose rewards are all equal gets
+            advantage 0, not NaN.
+        scale: what the centered reward is divided by: ``"group"`` (or ``True``) the
+            group's standard deviation, ``"batch"`` the standard deviation of all ``P * G``
+            rewards (PPO Lite, https://arxiv.org/abs/2508.08221), ``"none"`` (or ``False``)
+            nothing (Dr. GRPO, https://arxiv.org/abs/2503.20783). TRL's ``scale_rewards``.
 
     Returns:
-        ``[P, G]`` ``(r - mean_g) / (std_g + eps)`` (unbiased std, as TRL's GRPO).
+        ``[P, G]`` ``(r - mean_g) / (std + eps)`` (unbiased std, as TRL's GRPO), or ``r - mean_g``.
     """
+    scale = _SCALE_ALIASES.get(scale, scale) if isinstance(scale, bool) else scale
     centered = rewards - rewards.mean(dim=1, keepdim=True)
-    if not scale:
+    if scale == "none":
         return centered
-    std = rewards.std(dim=1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(centered[:, :1])
+    if scale == "group":
+        std = rewards.std(dim=1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(centered[:, :1])
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    else:
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     return centered / (std + eps)
+
+
+_SCALE_ALIASES = {True: "group", False: "none"}
+RewardScale = Literal["group", "batch", "none"]
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -101,10 +114,23 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch
 
 
 class GroupConfig(ComponentConfig):
-    """Options of ``group``: ``scale`` by the group's std (off: Dr. GRPO), ``eps`` added to it."""
+    """Options of ``group``.
 
-    scale: bool = True
+    Attributes:
+        scale: divide the centered reward by the group's std (``group``, GRPO), by the
+            std over the rollout batch (``batch``: each process's share of it) or by
+            nothing (``none``: Dr. GRPO); ``true`` / ``false`` mean ``group`` / ``none``,
+            as TRL's ``scale_rewards``.
+        eps: added to the std.
+    """
+
+    scale: RewardScale = "group"
     eps: float = Field(1e-4, ge=0)
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _bool_scale(cls, value: Any) -> Any:
+        return _SCALE_ALIASES.get(value, value) if isinstance(value, bool) else value
 
 
 class GroupAdvantage(_Configured):
@@ -278,10 +304,33 @@ def clipped_surrogate(
         and whether the clipped term was the one taken.
     """
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
-    ratio = torch.exp(logps - old_logps)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
-    return -torch.min(unclipped, clipped), clipped < unclipped
+    return clipped_ratio_objective(torch.exp(logps - old_logps), adv, eps_low, eps_high)
+
+
+def clipped_ratio_objective(
+    ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float, delta: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate from the importance ratio: ``-min(r' A, clip(r, 1-eps_low, 1+eps_high) A)``.
+
+    ``r' = min(r, delta)`` with two-sided clipping (INTELLECT-2,
+    https://arxiv.org/abs/2505.07291: a negative advantage cannot push a ratio above
+    ``delta``), else ``r``.
+
+    Args:
+        ratio: ``[B, T]`` per token, or ``[B, 1]`` one per sequence (GSPO).
+        adv: ``[B, T]`` advantages.
+
+    Returns:
+        ``(loss [B, T], clipped [B, T])``: the loss and where it has no gradient (a
+        clipped term was the one taken).
+    """
+    bounded = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    unclipped = capped * adv
+    clipped = bounded < unclipped
+    if delta is not None:
+        clipped = clipped | ((ratio > delta) & (adv < 0))
+    return -torch.min(unclipped, bounded), clipped
 
 
 def clipped_value_loss(

@@ -28,7 +28,8 @@ from aligntk import (
     token_logps,
 )
 
-from .estimators import clipped_surrogate, clipped_value_loss
+from .estimators import clipped_value_loss
+from .variants import ImportanceSampling, importance_ratio, token_entropy, top_entropy_mask
 
 
 class ValueHead(torch.nn.Module):
@@ -49,7 +50,8 @@ class PolicyOutputs:
     """Per-token outputs of one forward pass, ``[B, T]`` each, aligned with ``input_ids``.
 
     ``logps[:, t]`` is the log-probability of completion token ``t`` (0 off the
-    completion), ``entropy`` the predictive entropy there (detached), ``values[:, t]``
+    completion), ``entropy`` the predictive entropy there (detached unless asked for with
+    ``entropy_grad``), ``values[:, t]``
     the value head's estimate before token ``t`` (``None`` without a head).
     """
 
@@ -59,35 +61,59 @@ class PolicyOutputs:
 
 
 def policy_forward(
-    model: torch.nn.Module, batch: Batch, value_head: torch.nn.Module | None = None, chunk_size: ChunkSize = "auto"
+    model: torch.nn.Module,
+    batch: Batch,
+    value_head: torch.nn.Module | None = None,
+    chunk_size: ChunkSize = "auto",
+    entropy_grad: bool = False,
 ) -> PolicyOutputs:
     """Log-probs and entropy of the completion tokens (and values, with a value head).
 
     Without a value head the output layer runs in chunks on completion tokens only
     (``aligntk.token_logps``), so a large vocabulary never costs ``[B, T, V]`` float32
-    logits; a value head needs the last hidden states, so it takes the plain path.
+    logits; a value head needs the last hidden states, and a differentiable entropy
+    (``entropy_grad``, for an entropy bonus) the full logits, so they take the plain path.
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if value_head is None:
+    if value_head is None and not entropy_grad:
         out = token_logps(model, **inputs, labels=batch["labels"], chunk_size=chunk_size, with_entropy=True)
         return PolicyOutputs(out.logps, out.entropy)
+    if value_head is None:
+        logits = model(**inputs, use_cache=False).logits
+        out = logps_from_logits(logits, batch["labels"])
+        return PolicyOutputs(out.logps, token_entropy(logits, batch["labels"]))
     hidden_out = model(**inputs, use_cache=False, output_hidden_states=True)
-    out = logps_from_logits(hidden_out.logits, batch["labels"], with_entropy=True)
+    out = logps_from_logits(hidden_out.logits, batch["labels"], with_entropy=not entropy_grad)
+    entropy = token_entropy(hidden_out.logits, batch["labels"]) if entropy_grad else out.entropy
     values = value_head(hidden_out.hidden_states[-1][:, :-1])
-    return PolicyOutputs(out.logps, out.entropy, torch.nn.functional.pad(values, (1, 0)))
+    return PolicyOutputs(out.logps, entropy, torch.nn.functional.pad(values, (1, 0)))
 
 
 class GRPOConfig(ComponentConfig):
     """Options of the ``grpo`` loss (and, with more, of ``ppo``).
+
+    The defaults are GRPO as the paper and aligntk's first version had it; where TRL
+    1.16's ``GRPOConfig`` defaults differ, docs/rl.md names each difference.
 
     Attributes:
         epsilon, epsilon_high: ratio clip range ``[1 - epsilon, 1 + epsilon_high]``
             (``epsilon_high`` defaults to ``epsilon``; DAPO raises it).
         beta: weight of the per-token KL penalty to the reference policy (0: none).
         kl: a registered KL estimator: ``k1``, ``k2`` or ``k3``.
+        kl_bias_correction: multiply the KL estimate by the importance ratio (TRL's
+            ``use_bias_correction_kl``; DeepSeek-V3.2): the unbiased reverse-KL gradient
+            off-policy, and a different gradient on-policy too.
         aggregation: a registered aggregation: ``token`` (every completion token weighs
             the same, as DAPO), ``sequence`` (each completion's token mean, then the mean
             over completions, as the GRPO paper) or ``fixed_length`` (Dr. GRPO).
+        surrogate: a registered surrogate: ``clip`` (PPO's clipped ratio; ``delta``:
+            two-sided clipping), ``cispo`` or ``sapo``.
+        importance_sampling: ``token`` (one ratio per token) or ``sequence`` (GSPO: the
+            geometric mean of a completion's token ratios, one per completion).
+        entropy_coef: weight of an entropy bonus (``- entropy_coef * H`` per token,
+            reduced by the aggregation); non-zero takes the full-logits path.
+        top_entropy_quantile: keep the policy term only on the completion tokens whose
+            entropy is in this top fraction of the micro-batch's (1: every token).
         chunk_size: completion tokens per output-layer chunk (``0``: full logits;
             ``auto``: chunks of 1024 from a 16k vocabulary up), as the ``sft`` loss's.
     """
@@ -96,7 +122,12 @@ class GRPOConfig(ComponentConfig):
     epsilon_high: float | None = Field(None, gt=0)
     beta: float = Field(0.04, ge=0)
     kl: part("kl") = "k3"
+    kl_bias_correction: bool = False
     aggregation: part("aggregation") = "token"
+    surrogate: part("surrogate") = "clip"
+    importance_sampling: ImportanceSampling = "token"
+    entropy_coef: float = 0.0
+    top_entropy_quantile: float = Field(1.0, ge=0, le=1)
     chunk_size: ChunkSize = "auto"
 
 
@@ -111,26 +142,43 @@ class GRPOLoss:
         self.config = config
         self.kl = config.kl.build()
         self.aggregate = config.aggregation.build()
+        self.surrogate = config.surrogate.build()
 
     def count(self, batch: Batch) -> torch.Tensor:
         return self.aggregate.count((batch["labels"] != IGNORE_INDEX).float())
 
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
-        out = policy_forward(models.policy, batch, chunk_size=self.config.chunk_size)
+        c = self.config
+        out = policy_forward(models.policy, batch, chunk_size=c.chunk_size, entropy_grad=c.entropy_coef != 0)
         loss_sum, metrics = self.policy_terms(out, batch)
         return LossOutput(sum=loss_sum, count=self.count(batch).to(loss_sum.device), metrics=metrics)
 
     def policy_terms(self, out: PolicyOutputs, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The aggregated surrogate + KL penalty, and the metrics every online loss logs."""
+        """The aggregated surrogate + KL penalty (- entropy bonus), and the metrics every online loss logs.
+
+        The order of the terms is TRL's ``_compute_loss``: the surrogate, masked to the
+        high-entropy tokens, plus ``beta`` times the (bias-corrected) KL, minus the bonus.
+        """
         c = self.config
         mask = (batch["labels"] != IGNORE_INDEX).float()
-        surrogate, clipped = clipped_surrogate(
-            out.logps, batch["old_logps"], batch["advantages"], c.epsilon, c.epsilon_high or c.epsilon
-        )
-        kl = self.kl(out.logps, batch["ref_logps"])
-        loss_sum = self.aggregate(surrogate + c.beta * kl, mask)
-        n_tokens, n_seqs = mask.sum(), torch.tensor(float(mask.size(0)), device=mask.device)
+        advantages = batch["advantages"]
+        advantages = advantages[:, None] if advantages.dim() == 1 else advantages
+        ratio = importance_ratio(out.logps, batch["old_logps"], mask, c.importance_sampling)
+        surrogate, clipped = self.surrogate(ratio, out.logps, advantages, c.epsilon, c.epsilon_high or c.epsilon)
         entropy = out.entropy
+        high = None
+        if c.top_entropy_quantile < 1.0:
+            high = top_entropy_mask(entropy, mask, c.top_entropy_quantile).to(surrogate.dtype)
+            surrogate = surrogate * high
+        kl = self.kl(out.logps, batch["ref_logps"])
+        if c.kl_bias_correction:
+            kl = kl * ratio
+        per_token = surrogate + c.beta * kl
+        if c.entropy_coef != 0:
+            per_token = per_token - c.entropy_coef * (entropy if high is None else entropy * high)
+        loss_sum = self.aggregate(per_token, mask)
+        n_tokens, n_seqs = mask.sum(), torch.tensor(float(mask.size(0)), device=mask.device)
+        entropy = entropy.detach()
         metrics = {
             "reward": (batch["rewards"].float().sum(), n_seqs),
             "kl": ((kl.detach() * mask).sum(), n_tokens),
@@ -140,6 +188,8 @@ class GRPOLoss:
             # each reward's own mean (rollout data's reward/<name> fields)
             **{k: (v.float().sum(), n_seqs) for k, v in batch.items() if k.startswith("reward/")},
         }
+        if high is not None:
+            metrics["high_entropy_fraction"] = ((high * mask).sum().detach(), n_tokens)
         return loss_sum, metrics
 
 
@@ -184,7 +234,7 @@ class PPOLoss(GRPOLoss):
                 "estimator (data.advantage: gae)"
             )
         c = self.config
-        out = policy_forward(models.policy, batch, models.heads["value"])
+        out = policy_forward(models.policy, batch, models.heads["value"], entropy_grad=c.entropy_coef != 0)
         loss_sum, metrics = self.policy_terms(out, batch)
         mask = (batch["labels"] != IGNORE_INDEX).float()
         values = out.values
