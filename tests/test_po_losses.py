@@ -417,6 +417,11 @@ def test_plugin_registers_its_components() -> None:
         ("loss", "dpo"): aligntk_po.DPOLoss,
         ("loss", "simpo"): aligntk_po.SimPOLoss,
         ("loss", "reward_model"): aligntk_po.RewardModelLoss,
+        ("data", "unpaired_preference"): aligntk_po.UnpairedPreferenceData,
+        ("loss", "cpo"): aligntk_po.CPOLoss,
+        ("loss", "orpo"): aligntk_po.ORPOLoss,
+        ("loss", "kto"): aligntk_po.KTOLoss,
+        ("loss", "bco"): aligntk_po.BCOLoss,
     }
 
 
