@@ -9,6 +9,8 @@ Registers data ``rollout``; losses ``grpo``, ``ppo`` (with a learned value head)
 aggregations ``token``, ``sequence`` and ``fixed_length``; policy surrogates ``clip``,
 ``cispo`` and ``sapo``. Every online method picks them by name, and methods compare
 under the same ones; another plugin adds its own by registering a part of the same kind.
+Also: loss ``online_dpo`` with the advantage ``pairwise`` (online DPO), and data and loss
+``gkd`` (on-policy distillation from a frozen teacher).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from . import estimators as est
 from . import variants
 from .best_of_n import BestOfNLoss, BestOfNSelection
 from .data import RolloutData
+from .gkd import GKDData, GKDLoss
 from .loss import GRPOLoss, PPOLoss
+from .online_dpo import OnlineDPOLoss
+from .pairwise import PairwiseSelection
 from .protocols import AdvantageEstimator, Aggregation, KLEstimator, Scored
 from .rewards import ExactAnswer, RewardModelScore
 from .variants import Surrogate
@@ -30,9 +35,13 @@ __all__ = [
     "BestOfNLoss",
     "BestOfNSelection",
     "ExactAnswer",
+    "GKDData",
+    "GKDLoss",
     "GRPOLoss",
     "KLEstimator",
+    "OnlineDPOLoss",
     "PPOLoss",
+    "PairwiseSelection",
     "RewardModelScore",
     "RolloutData",
     "Scored",
@@ -43,6 +52,7 @@ __all__ = [
 @hookimpl
 def aligntk_register_data(register: Register) -> None:
     register("rollout", RolloutData)
+    register("gkd", GKDData)
 
 
 @hookimpl
@@ -50,6 +60,8 @@ def aligntk_register_losses(register: Register) -> None:
     register("grpo", GRPOLoss)
     register("ppo", PPOLoss)
     register("best_of_n", BestOfNLoss)
+    register("online_dpo", OnlineDPOLoss)
+    register("gkd", GKDLoss)
 
 
 @hookimpl
@@ -64,6 +76,7 @@ def aligntk_register_parts(register: RegisterPart) -> None:
     register("advantage", "rloo", est.RLOOAdvantage)
     register("advantage", "gae", est.GAEAdvantage)
     register("advantage", "best_of_n", BestOfNSelection)
+    register("advantage", "pairwise", PairwiseSelection)
     register("kl", "k1", est.K1)
     register("kl", "k2", est.K2)
     register("kl", "k3", est.K3)
