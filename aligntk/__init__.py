@@ -42,6 +42,7 @@ from .types import (
     Models,
     RewardComponent,
     RunInfo,
+    Sample,
     UpdateStep,
 )
 
@@ -107,6 +108,7 @@ __all__ = [
     "Models",
     "RewardComponent",
     "RunInfo",
+    "Sample",
     "UpdateStep",
     # Component options: local paths, and nested parts chosen by name (aligntk_register_parts).
     "LocalFile",

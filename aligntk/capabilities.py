@@ -22,7 +22,7 @@ _DECLARATIONS: dict[str, type] = {
     "evaluator": EvaluatorCapabilities,
 }
 #: Capability flag -> the method it promises.
-_METHODS = {"precompute": "precompute", "heads": "heads", "scheduled": "start_step", "online": "rollout"}
+_METHODS = {"precompute": "precompute", "heads": "heads", "scheduled": "start_step", "online": "rollout", "samples": "samples"}
 #: Optional members the engine once looked for; a component that still has them must declare them.
 _UNDECLARED = {
     "data": ("rollout", "provided_fields", "iterations"),

@@ -8,6 +8,13 @@ name was complete when it was written. Its manifest tells, on resume, whether it
 still the same: a checkpoint damaged later (a truncated file, a flipped byte, a file
 deleted) is passed over with a warning for the newest one that verifies and loads.
 
+Under ``train.distributed: fsdp`` the weights and optimizer state are instead a
+``torch.distributed.checkpoint`` folder ``sharded/`` (one file per process, written by
+every process at once), with each process's random-number state beside it; the main
+process writes the rest, the manifest and the rename after a barrier
+(``save_sharded_checkpoint``). A run on another number of processes resumes from it:
+DCP reshards.
+
 Weights are checked finite before anything is written, so every checkpoint is a good
 one to go back to. The data order is a function of the step (see
 ``engine.global_batch_indices``), so no data-loader state is needed.
@@ -115,6 +122,104 @@ def save_checkpoint(
     return final
 
 
+def save_sharded_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    keep: int,
+    trainer_state: dict[str, Any],
+    data_state: dict[str, Any] | None = None,
+    only_trainable: bool = False,
+) -> Path:
+    """``save_checkpoint`` for an FSDP2-sharded ``model``: every process calls it (a collective).
+
+    Every process writes its shards and its random-number state into the temporary folder;
+    after a barrier the main process writes the scheduler and trainer state and the
+    manifest, and renames the folder into place; a last barrier, and every process returns.
+
+    Raises:
+        TrainingError: a weight is not finite (on every process); nothing is written.
+    """
+    import torch.distributed as dist
+
+    from . import sharding
+
+    bad = sharding.nonfinite_shards(model)  # agreed over processes: all raise or none
+    if bad:
+        raise TrainingError(f"not writing the checkpoint for step {step}: {len(bad)} weight tensor(s) are not finite ({bad[0]})")
+    rank = dist.get_rank()
+    root = checkpoint_dir(run_dir)
+    final = root / f"{_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{_PREFIX}{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    sharding.save_shards(tmp / sharding.SHARDED, model, optimizer, only_trainable)
+    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+    dist.barrier()  # every process's files are complete before the main one lists them
+    if rank == 0:
+        state = {"scheduler": scheduler.state_dict(), "data": data_state or {}}
+        torch.save(state, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(
+            json.dumps({**trainer_state, "step": step, "world_size": dist.get_world_size()})
+        )
+        write_manifest(tmp)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["rng_cpu"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def _load_sharded(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, only_trainable: bool
+) -> dict[str, Any]:
+    """Restore a ``save_sharded_checkpoint`` folder into this run (every process calls it)."""
+    import torch.distributed as dist
+
+    from . import sharding
+
+    problem = verify(path)
+    if problem is not None:
+        raise AligntkError(problem)
+    try:
+        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        int(trainer_state["step"])
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise AligntkError(f"{path}: cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    try:
+        sharding.load_shards(path / sharding.SHARDED, model, optimizer, only_trainable)
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise AligntkError(f"{path}: does not fit this run's model or optimizer: {exc}".splitlines()[0]) from None
+    rank = dist.get_rank()
+    own = path / f"rng-{rank}.pt"  # another process count: every process takes the main one's
+    rng = own if own.is_file() and trainer_state.get("world_size") == dist.get_world_size() else path / "rng-0.pt"
+    _set_rng_state(torch.load(rng, weights_only=True, map_location="cpu"))
+    return {**trainer_state, "data": state.get("data") or {}}
+
+
 def write_manifest(folder: Path) -> None:
     """fsync every file in ``folder`` and record its size and sha256 in ``manifest.json``."""
     files = {}
@@ -171,8 +276,12 @@ def load_latest(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     only_trainable: bool = False,
+    sharded: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Restore the newest of ``candidates`` (newest first) that verifies and loads.
+
+    ``sharded``: the model is FSDP2-sharded and the checkpoints are ``save_sharded_checkpoint``'s;
+    every process calls this. A checkpoint of the other kind is an error naming the setting.
 
     With ``only_trainable`` a checkpoint must hold every trainable parameter (and nothing
     the model lacks); frozen weights stay as built.
@@ -184,8 +293,25 @@ def load_latest(
     Raises:
         AligntkError: no candidate loads; the message says why the newest did not.
     """
+    from .sharding import SHARDED
+
     reasons: list[str] = []
     for path in candidates:
+        if (path / SHARDED).is_dir() != sharded:
+            written, here = ("fsdp", "ddp") if not sharded else ("ddp", "fsdp")
+            raise AligntkError(
+                f"{path}: written by a train.distributed: {written} run; this run is {here}: "
+                f"resume it with train.distributed={written}"
+            )
+        if sharded:
+            try:
+                return path, _load_sharded(path, model, optimizer, scheduler, only_trainable)
+            except AligntkError as exc:
+                if "does not fit" in str(exc):
+                    raise
+                log.warning("skipping damaged checkpoint: %s", exc)
+                reasons.append(str(exc))
+                continue
         try:
             loaded = _read(path)
         except AligntkError as exc:

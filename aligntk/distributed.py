@@ -17,6 +17,8 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    #: A one-process group this module started (FSDP2 needs a group even for one process).
+    solo_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -45,12 +47,20 @@ class Dist:
         return bool(t.item())
 
 
-def init_distributed(device_name: str) -> Dist:
-    """Pick the device and join the process group ``torchrun`` describes; one process otherwise."""
+def init_distributed(device_name: str, needs_group: bool = False) -> Dist:
+    """Pick the device and join the process group ``torchrun`` describes; one process otherwise.
+
+    ``needs_group``: start a one-process group when there is no ``torchrun`` (FSDP2 shards
+    over a device mesh, which needs one).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if world_size <= 1:
+        if needs_group and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            return Dist(device=device, solo_group=True)
         return Dist(device=device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -60,5 +70,5 @@ def init_distributed(device_name: str) -> Dist:
 
 
 def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+    if (d.enabled or d.solo_group) and dist.is_initialized():
         dist.destroy_process_group()

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import sharding
 from .batches import Layout, OnlineBatches, StaticBatches, global_batch_indices, make_batches  # noqa: F401
 from .distributed import Dist, init_distributed, shutdown
 from .errors import AligntkError, Interrupted, TrainingError
@@ -98,7 +99,8 @@ def train(
     started = time.perf_counter()  # wall time counts model and data loading too
     recipe, spec = resolved.recipe, resolved.train
     plugins = plugins.without(resolved.disabled_plugins)  # `enabled: false` in the recipe's plugins section
-    d = init_distributed(spec.device)
+    fsdp = spec.distributed == "fsdp"
+    d = init_distributed(spec.device, needs_group=fsdp)
     run_dir = Path(recipe.output_dir).expanduser()
     try:
         candidates = check_run_dir(run_dir, resume, overwrite)
@@ -125,6 +127,11 @@ def train(
         policy = policy.to(d.device)
         if spec.gradient_checkpointing:
             _enable_checkpointing(unwrap(policy))
+        template = None
+        if fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
+            _check_fsdp(resolved, update, policy)
+            template = sharding.skeleton(policy)
+            policy = sharding.shard(policy, spec.fsdp, d.device)
         optimizer, scheduler = update.configure(policy, spec.max_steps)
         precision = Precision(spec.precision, d.device)
         trainer_state: dict[str, Any] = {"step": 0}
@@ -132,14 +139,15 @@ def train(
         if candidates:
             check_same_recipe(run_dir, resolved)
             resume_from, trainer_state = ckpt.load_latest(
-                candidates, policy, optimizer, scheduler, precision.scaler, only_trainable=ckpt.trains_a_part(policy)
+                candidates, policy, optimizer, scheduler, precision.scaler, only_trainable=ckpt.trains_a_part(policy),
+                sharded=fsdp,
             )
             log.info("resuming from %s (step %d)", resume_from, trainer_state["step"])
         start_step = int(trainer_state["step"])
         trainable, total = count_parameters(policy)
         if trainable == 0:
             raise AligntkError(f"update {resolved.update.name!r}: no parameter is trainable")
-        if d.enabled:
+        if d.enabled and not fsdp:
             policy = torch.nn.parallel.DistributedDataParallel(
                 policy, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
@@ -195,6 +203,7 @@ def train(
             precision=precision,
         )
         trainer.started = started
+        trainer.template = template
         trainer.tokens_seen = int(trainer_state.get("tokens_seen", 0))
         trainer.skips = _Skips(
             int(trainer_state.get("skipped_steps", 0)), int(trainer_state.get("skipped_in_a_row", 0))
@@ -270,6 +279,20 @@ def _mergeable(model: torch.nn.Module) -> bool:
     if not is_peft_model(model):
         return False
     return all(str(c.peft_type).endswith("LORA") for c in unwrap(model).peft_config.values())
+
+
+def _check_fsdp(resolved: ResolvedRecipe, update: Any, policy: torch.nn.Module) -> None:
+    """What ``train.distributed: fsdp`` does not support yet, as one line before anything is sharded."""
+    if resolved.train.precision == "fp16":
+        raise AligntkError(
+            "train.distributed: fsdp does not support precision fp16 (its gradient scaler is not sharded); "
+            "use bf16, or fsdp.param_dtype: bfloat16"
+        )
+    if update.penalty(unwrap(policy)) is not None:
+        raise AligntkError(
+            f"update {resolved.update.name!r} adds a penalty on the weights, which train.distributed: fsdp "
+            "does not support yet (it holds the unsharded parameters); use distributed: ddp"
+        )
 
 
 def _enable_checkpointing(model: torch.nn.Module) -> None:
@@ -391,6 +414,10 @@ class _Trainer:
         names = [c.name for c in self.resolved.losses]
         # Metric prefixes: the loss name, with its index when a recipe uses a loss twice.
         self.loss_keys = [n if names.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(names)]
+        # FSDP2: the policy is sharded; ``template`` (set by ``train``) is its weight-less skeleton,
+        # filled with the gathered weights wherever one process needs the plain model.
+        self.fsdp = sharding.is_sharded(unwrap(self.policy))
+        self.template: torch.nn.Module | None = None
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -411,7 +438,7 @@ class _Trainer:
             if self.d.is_main:
                 self.plugins.on_run_start(info)
             if info.start_step == 0:
-                result.first_eval, evaluated_at = self.evaluate(0), 0
+                result.first_eval, evaluated_at = self._evaluate(0), 0
             for step in range(info.start_step + 1, spec.max_steps + 1):
                 metrics = self.train_step(step)
                 preempted = bool(metrics.pop("stop_signal"))  # the same on every process
@@ -430,7 +457,7 @@ class _Trainer:
                 if hook_error is not None:
                     raise hook_error
                 if spec.eval_every and step % spec.eval_every == 0 and step != spec.max_steps and not preempted:
-                    result.last_eval, evaluated_at = self.evaluate(step), step
+                    result.last_eval, evaluated_at = self._evaluate(step), step
                 if (spec.save_every and step % spec.save_every == 0) or preempted:
                     path = self.save_checkpoint(step)
                 if preempted:
@@ -443,8 +470,13 @@ class _Trainer:
                     log.warning("stopping after step %d: %s", step, result.stopped)
                     break
             if evaluated_at != result.steps:
-                result.last_eval = self.evaluate(result.steps)
-            if self.d.is_main:
+                result.last_eval = self._evaluate(result.steps)
+            if self.fsdp:  # every process gathers; the main one writes
+                state = sharding.full_state_dict(unwrap(self.policy), rank0_only=True)
+                if self.d.is_main:
+                    self.save_model(self._replica(state, torch.device("cpu")))
+                self.d.barrier()
+            elif self.d.is_main:
                 self.save_model()
             result.wall_time = time.perf_counter() - self.started
         except BaseException as exc:
@@ -464,7 +496,11 @@ class _Trainer:
         for loss, caps in zip(self.losses, self.capabilities):
             if caps.scheduled:
                 loss.start_step(step, self.spec.max_steps)
-        batches = self.batches.micro_batches(step, self.models)
+        if self.fsdp and isinstance(self.batches, OnlineBatches):
+            with self._plain_policy():  # rollouts sample from the whole policy, with no collectives
+                batches = self.batches.micro_batches(step, self.models)
+        else:
+            batches = self.batches.micro_batches(step, self.models)
         # Each loss is divided by its unit count over the whole global batch (every
         # micro-batch on every process), known before any backward: accumulation and
         # DDP then give exactly the gradient of one large batch.
@@ -473,7 +509,7 @@ class _Trainer:
         ).to(self.d.device)
         self.d.all_reduce(counts)
         denominators = counts.clamp(min=1.0)
-        # DDP averages gradients over processes; scale by world size so the result is a sum.
+        # DDP and FSDP2 average gradients over processes; scale by world size so the result is a sum.
         scale = float(self.d.world_size)
 
         self.policy.train()
@@ -484,7 +520,11 @@ class _Trainer:
         penalty = self.update.penalty(unwrap(self.policy))
         for j, batch in enumerate(batches):
             last = j == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not self.d.enabled else self.policy.no_sync()
+            if self.fsdp:  # reduce-scatter once, after the last micro-batch; accumulate unsharded before
+                sharding.set_gradient_sync(unwrap(self.policy), last)
+                sync: Any = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if last or not self.d.enabled else self.policy.no_sync()
             with sync:
                 with self.precision.autocast():
                     total = torch.zeros((), device=self.d.device)
@@ -587,7 +627,8 @@ class _Trainer:
         if self.precision.scaler is not None:
             self.precision.scaler.unscale_(self.optimizer)
         max_norm = self.update.max_grad_norm
-        return torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"))
+        return sharding.full_norm(norm)  # over DTensor shards: the norm of the whole gradient
 
     def _optimizer_step(self) -> None:
         scaler = self.precision.scaler
@@ -600,6 +641,9 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- evaluation, checkpoints, metrics ---------------------------------------------
+
+    #: Each evaluation's generations that evaluators show (``EvaluatorCapabilities.samples``).
+    SAMPLES_FILE = "samples.jsonl"
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
@@ -614,14 +658,33 @@ class _Trainer:
             metrics.update(self._eval_loss(examples))
         if self.d.is_main:
             model = unwrap(self.policy)
-            for _, evaluator in self.evaluators:
+            names = [name for name, _ in self.evaluators]
+            samples: list[dict[str, Any]] = []
+            for i, ((name, evaluator), spec) in enumerate(zip(self.evaluators, self.resolved.evaluators)):
                 with self.precision.autocast():
                     metrics.update(evaluator(model, self.tokenizer, examples))
+                if spec.capabilities is not None and spec.capabilities.samples:
+                    key = name if names.count(name) == 1 else f"{name}.{i}"
+                    shown = evaluator.samples()
+                    samples += [{"step": step, "evaluator": key, "index": j, **vars(s)} for j, s in enumerate(shown)]
+            self._write_samples(step, samples)  # before the eval record, so the run manifest lists it with it
             self._write({"split": "eval", "step": step, **metrics})
             self.plugins.on_eval_end(self.info, step, metrics)
         self.d.barrier()
         self.policy.train(was_training)
         return metrics
+
+    def _write_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Append this evaluation's samples to ``samples.jsonl``, dropping any of this step or later first.
+
+        Those are from before a resume: the resumed run evaluates those steps again.
+        """
+        path = self.info.run_dir / self.SAMPLES_FILE
+        if path.exists():
+            drop_metrics_after(path, step - 1)
+        if records:
+            with path.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
 
     def _eval_loss(self, examples: Sequence[Example]) -> dict[str, float]:
         size = self.spec.eval_batch_size or self.spec.batch_size
@@ -647,8 +710,48 @@ class _Trainer:
         result.update({f"eval_{k}": v for k, v in metric_sums.results(values[2 * n :], counts).items()})
         return result
 
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """``evaluate``; under FSDP2 on a gathered replica of the policy (evaluators run on one process)."""
+        if not self.fsdp or (not self.splits.eval and not self.evaluators):
+            return self.evaluate(step)
+        with self._plain_policy():
+            return self.evaluate(step)
+
+    def _replica(self, state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+        assert self.template is not None
+        return sharding.replica(self.template, state, device)
+
+    @contextlib.contextmanager
+    def _plain_policy(self) -> Any:
+        """The policy as a plain module on every process for the block (gathered whole: a collective)."""
+        sharded, models = self.policy, self.models
+        plain = self._replica(sharding.full_state_dict(unwrap(sharded), rank0_only=False), self.d.device)
+        plain.train(sharded.training)
+        self.policy = plain
+        self.models = Models({**dict(models), "policy": plain}, heads=heads_of(plain))
+        try:
+            yield plain
+        finally:
+            self.policy, self.models = sharded, models
+
     def save_checkpoint(self, step: int) -> Path:
         path = ckpt.checkpoint_dir(self.info.run_dir) / f"step-{step:08d}"
+        if self.fsdp:
+            path = ckpt.save_sharded_checkpoint(
+                self.info.run_dir,
+                step,
+                unwrap(self.policy),
+                self.optimizer,
+                self.scheduler,
+                keep=self.spec.keep_checkpoints,
+                trainer_state=self._trainer_state(),
+                data_state=self.batches.state_dict(),
+                only_trainable=ckpt.trains_a_part(unwrap(self.policy)),
+            )
+            if self.d.is_main:
+                self.plugins.on_checkpoint_saved(self.info, step, path)
+            self.d.barrier()
+            return path
         if self.d.is_main:
             path = ckpt.save_checkpoint(
                 self.info.run_dir,
@@ -670,14 +773,21 @@ class _Trainer:
         self.d.barrier()
         return path
 
-    def save_model(self) -> None:
-        """The final model in Hugging Face format, written whole or not at all, never with non-finite weights."""
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen, "skipped_steps": self.skips.total, "skipped_in_a_row": self.skips.in_a_row}
+
+    def save_model(self, model: torch.nn.Module | None = None) -> None:
+        """The final model in Hugging Face format, written whole or not at all, never with non-finite weights.
+
+        ``model``: what to write instead of the policy (under FSDP2, the gathered replica).
+        """
+        model = model if model is not None else self.policy
         final = self.info.run_dir / "model"
         tmp = self.info.run_dir / ".tmp-model"
-        ckpt.require_finite(unwrap(self.policy), f"the final model to {final}")
+        ckpt.require_finite(unwrap(model), f"the final model to {final}")
         record_written(self.info.run_dir, also=[tmp.name])  # a crash mid-write leaves only the run's own files
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(self.policy, self.tokenizer, tmp)
+        save_pretrained(model, self.tokenizer, tmp)
         if final.is_symlink() or final.is_file():
             final.unlink()
         elif final.exists():

@@ -122,6 +122,25 @@ class ModelSpec(StrictModel):
         return self
 
 
+class FsdpSpec(StrictModel):
+    """Options of ``train.distributed: fsdp`` (FSDP2: ``fully_shard`` per decoder layer, then the root)."""
+
+    reshard_after_forward: bool = Field(
+        True,
+        description="free each decoder layer's gathered weights after its forward (less memory, one more "
+        "all-gather in the backward); false keeps them until the backward",
+    )
+    cpu_offload: bool = Field(
+        False, description="keep the sharded weights, gradients and optimizer state in CPU memory (CUDA runs)"
+    )
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype the gathered weights compute in (FSDP mixed precision); null: the weights' own"
+    )
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype gradients are reduce-scattered in; null: param_dtype"
+    )
+
+
 class TrainSpec(StrictModel):
     """The engine's options: the same for every method."""
 
@@ -143,6 +162,18 @@ class TrainSpec(StrictModel):
     max_skipped_steps: PositiveInt = Field(
         5, description="stop after this many dropped updates in a row (skip, or fp16 gradient-scaler overflows)"
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model; fsdp: FSDP2, weights, gradients and optimizer "
+        "state sharded over the processes (one process works too)",
+    )
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec, description="options of distributed: fsdp")
+
+    @model_validator(mode="after")
+    def _fsdp_options_need_fsdp(self) -> TrainSpec:
+        if self.fsdp != FsdpSpec() and self.distributed != "fsdp":  # the defaults are what a dump repeats
+            raise ValueError("'fsdp' holds options of distributed: fsdp; set train.distributed: fsdp (or drop them)")
+        return self
 
 
 class Recipe(StrictModel):

@@ -254,9 +254,30 @@ class EvaluatorCapabilities:
     Attributes:
         requires: the example fields it reads; checked against the data component's
             ``example_fields`` when the recipe is validated.
+        samples: it keeps a few of its latest call's generations, returned by
+            ``samples() -> list[Sample]``; the engine writes them to ``samples.jsonl``
+            after each evaluation, where logging sinks read them.
     """
 
     requires: frozenset[str] = frozenset()
+    samples: bool = False
+
+
+@dataclass
+class Sample:
+    """One generation an evaluator shows at an evaluation (``samples.jsonl``, logging sinks).
+
+    Attributes:
+        prompt: the text the model was given.
+        completion: what the model generated.
+        reference: the expected answer, when the data has one.
+        score: the evaluator's score of this one completion (1.0 / 0.0 for exact match).
+    """
+
+    prompt: str
+    completion: str
+    reference: str | None = None
+    score: float | None = None
 
 
 @runtime_checkable
@@ -342,6 +363,8 @@ class Evaluator(Protocol):
     Called on the main process only, with the unwrapped policy in eval mode under
     ``torch.no_grad()``; returns metric name to value. The example fields it reads are
     declared in :class:`EvaluatorCapabilities` (an optional ``capabilities(config)``).
+    One that declares ``samples`` also has ``samples() -> list[Sample]``: a few generations
+    of its latest call, which the engine writes to ``samples.jsonl``.
     """
 
     Config: ClassVar[type[ComponentConfig]]

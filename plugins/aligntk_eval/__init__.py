@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveInt
 
-from aligntk import ComponentConfig, DataError, EvaluatorCapabilities, Example, Register, hookimpl, left_pad, load_metric
+from aligntk import (
+    ComponentConfig, DataError, EvaluatorCapabilities, Example, Register, Sample, hookimpl, left_pad, load_metric,
+)
 
 from .accuracy import Accuracy
 
@@ -33,6 +35,8 @@ class GenerationExactMatch:
     start at the same column; ``generate`` derives position ids from the attention mask,
     so padding does not shift positions. The score is the fraction of generated answers
     equal to the reference after stripping whitespace (``aligntk.load_metric("exact_match")``).
+    The first ``samples`` answers of each call, with their prompts and references, are kept
+    for ``samples()``: the engine writes them to the run's ``samples.jsonl``.
     """
 
     class Config(ComponentConfig):
@@ -44,21 +48,25 @@ class GenerationExactMatch:
             limit: evaluate only the first ``limit`` examples (``None``: all of them).
             stop_at_newline: keep only the first line of each answer, for models that go
                 on after the answer instead of ending it with the end-of-sequence token.
+            samples: answers shown per evaluation (the first examples, the same ones every
+                time) in ``samples.jsonl`` and the logging sinks; 0 shows none.
         """
 
         max_new_tokens: PositiveInt = 16
         batch_size: PositiveInt = 64
         limit: PositiveInt | None = None
         stop_at_newline: bool = True
+        samples: NonNegativeInt = 4
 
     config: Config
 
     @classmethod
     def capabilities(cls, config: Config) -> EvaluatorCapabilities:
-        return EvaluatorCapabilities(requires=EXAMPLE_FIELDS)
+        return EvaluatorCapabilities(requires=EXAMPLE_FIELDS, samples=config.samples > 0)
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else self.Config()
+        self._samples: list[Sample] = []
 
     def __call__(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
@@ -77,7 +85,22 @@ class GenerationExactMatch:
         predictions = self.generate(model, tokenizer, examples)
         references = [str(ex["reference"]) for ex in examples]
         result = load_metric("exact_match").compute(predictions=predictions, references=references)
+        shown = range(min(self.config.samples, len(examples)))
+        self._samples = [
+            Sample(
+                prompt=tokenizer.decode(examples[i]["prompt_ids"], skip_special_tokens=True),
+                completion=predictions[i],
+                reference=references[i],
+                # The metric's rule, one answer at a time: equal after stripping whitespace.
+                score=float(predictions[i].strip() == references[i].strip()),
+            )
+            for i in shown
+        ]
         return {"exact_match": float(result["exact_match"])}
+
+    def samples(self) -> list[Sample]:
+        """The first ``samples`` answers of the latest call, with their prompts, references and scores."""
+        return list(self._samples)
 
     @torch.no_grad()
     def generate(
