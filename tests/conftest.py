@@ -15,6 +15,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _tokenization_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's tokenization cache is a fresh temporary folder, never the user's ~/.cache."""
+    root = tmp_path_factory.mktemp("aligntk-cache")
+    monkeypatch.setenv("ALIGNTK_CACHE", str(root))
+    return root
+
+
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict[str, Any]:
     """A tiny SFT recipe (dict) with its tokenizer and addition data in tmp_path."""

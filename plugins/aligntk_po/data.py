@@ -24,9 +24,9 @@ reads) are refused: no built-in loss takes them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,10 +45,8 @@ from aligntk import (
     check_messages,
     describe_type,
     has_targets,
-    keep_fitting,
     load_splits,
     pad_tokens,
-    read_rows,
     render_chat,
     require_pad_token,
     truncation_cut,
@@ -121,14 +119,15 @@ class PreferenceData:
                 more unknown tokens than ``max_unk_fraction``.
         """
         self.pad_token_id = require_pad_token(ctx.tokenizer)
-        return load_splits(
-            self.config, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer, report), tokenizer=ctx.tokenizer
-        )
+        # Two stages, as two passes over a file: every pair is checked and tokenized before any is truncated.
+        stages = (functools.partial(self._encode_row, ctx.tokenizer), self._fit_row)
+        return load_splits(self.config, ctx.seed, encode=stages, tokenizer=ctx.tokenizer)
 
-    def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
-        encoded = [self._encode(where, row, tokenizer) for where, row in read_rows(path)]
-        skipped = DataReport()
-        return keep_fitting(path, [self._fit(enc, skipped) for enc in encoded], skipped, report)
+    def _encode_row(self, tokenizer: Any, where: str, row: dict[str, Any], report: DataReport) -> _Encoded:
+        return self._encode(where, row, tokenizer)
+
+    def _fit_row(self, where: str, enc: _Encoded, report: DataReport) -> Example | None:
+        return self._fit(enc, report)
 
     # ----------------------------------------------------------------------------------
     # Checking and tokenizing

@@ -15,9 +15,9 @@ them), ``-100`` where no loss is taken.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,10 +37,8 @@ from aligntk import (
     check_messages,
     describe_type,
     has_targets,
-    keep_fitting,
     load_splits,
     pad_tokens,
-    read_rows,
     render_chat,
     require_pad_token,
     truncation_cut,
@@ -68,6 +66,8 @@ class SFTDataConfig(FileDataConfig):
             row with ``position_ids`` restarting at 0 for each (no ``attention_mask``; the
             model builds a block-diagonal causal mask from the positions).
     """
+
+    not_encoding = FileDataConfig.not_encoding | {"packing"}  # collate's business only
 
     max_length: PositiveInt = 512
     truncation: Truncation = "right"
@@ -152,15 +152,15 @@ class SFTData:
                 more unknown tokens than ``max_unk_fraction``.
         """
         self.pad_token_id = require_pad_token(ctx.tokenizer)
-        return load_splits(
-            self.config, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer, report), tokenizer=ctx.tokenizer
-        )
+        # Two stages, as two passes over a file: every row's shape is checked before any is tokenized.
+        stages = (self._check_row, functools.partial(self._encode_row, ctx.tokenizer))
+        return load_splits(self.config, ctx.seed, encode=stages, tokenizer=ctx.tokenizer)
 
-    def _read(self, path: Path, tokenizer: Any, report: DataReport) -> list[Example]:
-        rows = [self._parse(where, row) for where, row in read_rows(path)]
-        skipped = DataReport()
-        fitted = [self._fit(self._encode(row, tokenizer), skipped) for row in rows]
-        return keep_fitting(path, fitted, skipped, report)
+    def _check_row(self, where: str, row: dict[str, Any], report: DataReport) -> _Pair | _Chat | _Text:
+        return self._parse(where, row)
+
+    def _encode_row(self, tokenizer: Any, where: str, row: _Pair | _Chat | _Text, report: DataReport) -> Example | None:
+        return self._fit(self._encode(row, tokenizer), report)
 
     def _parse(self, where: str, row: dict[str, Any]) -> _Pair | _Chat | _Text:
         """Check a row's shape: a conversation, a prompt and a completion, or a text."""

@@ -8,6 +8,7 @@ probabilities read from a labels file written by an earlier labelling step
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from aligntk import (
     Batch,
     DataContext,
     DataError,
+    DataReport,
     DataSplits,
     Example,
     FileDataConfig,
@@ -59,6 +61,8 @@ class ClassificationDataConfig(FileDataConfig):
     soft_labels_path: LocalFile | None = None
     label_tokens: list[str] | None = None
 
+    not_encoding = FileDataConfig.not_encoding | {"soft_labels_path"}  # applied after the cache
+
 
 def read_examples(path: Path, text_key: str, label_key: str, num_classes: int) -> list[tuple[str, str, int]]:
     """``(where, text, label)`` for every row of a classification file.
@@ -66,19 +70,25 @@ def read_examples(path: Path, text_key: str, label_key: str, num_classes: int) -
     Raises:
         DataError: a row lacks a string text or an integer label in range (names file:line).
     """
-    out = []
-    for where, row in read_rows(path):
-        text, label = row.get(text_key), row.get(label_key)
-        if not isinstance(text, str):
-            raise DataError(f"{where}: {text_key!r} must be a string, got {describe_type(text)}")
-        if isinstance(label, str) and label.strip().lstrip("-").isdigit():  # CSV cells are text
-            label = int(label)
-        if isinstance(label, bool) or not isinstance(label, int):
-            raise DataError(f"{where}: {label_key!r} must be an integer class, got {describe_type(label)}")
-        if not 0 <= label < num_classes:
-            raise DataError(f"{where}: {label_key!r} is {label}, outside [0, {num_classes}) (num_classes {num_classes})")
-        out.append((where, text, label))
-    return out
+    return [(where, *check_row(where, row, text_key, label_key, num_classes)) for where, row in read_rows(path)]
+
+
+def check_row(where: str, row: dict[str, Any], text_key: str, label_key: str, num_classes: int) -> tuple[str, int]:
+    """``(text, label)`` of one classification row.
+
+    Raises:
+        DataError: the row lacks a string text or an integer label in range (names ``where``).
+    """
+    text, label = row.get(text_key), row.get(label_key)
+    if not isinstance(text, str):
+        raise DataError(f"{where}: {text_key!r} must be a string, got {describe_type(text)}")
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():  # CSV cells are text
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise DataError(f"{where}: {label_key!r} must be an integer class, got {describe_type(label)}")
+    if not 0 <= label < num_classes:
+        raise DataError(f"{where}: {label_key!r} is {label}, outside [0, {num_classes}) (num_classes {num_classes})")
+    return text, label
 
 
 def read_soft_labels(path: Path, n_rows: int, num_classes: int) -> list[list[float]]:
@@ -165,7 +175,9 @@ class ClassificationData:
         c = self.config
         self.pad_token_id = require_pad_token(ctx.tokenizer)
         self.label_token_ids = self._label_token_ids(ctx.tokenizer)
-        return load_splits(c, ctx.seed, lambda path, report: self._read(path, ctx.tokenizer), tokenizer=ctx.tokenizer)
+        # Two stages, as two passes over a file: every row is checked before any is tokenized.
+        stages = (self._check_row, functools.partial(self._encode_row, ctx.tokenizer))
+        return load_splits(c, ctx.seed, encode=stages, finish=self._finish, tokenizer=ctx.tokenizer)
 
     def _label_token_ids(self, tokenizer: Any) -> list[int] | None:
         tokens = self.config.label_tokens
@@ -179,20 +191,27 @@ class ClassificationData:
             raise DataError(f"data.label_tokens: {bad} are not single tokens for this tokenizer")
         return [i[0] for i in ids]
 
-    def _read(self, path: Path, tokenizer: Any) -> list[Example]:
+    def _check_row(self, where: str, row: dict[str, Any], report: DataReport) -> tuple[str, int]:
         c = self.config
-        rows = read_examples(path, c.text_key, c.label_key, c.num_classes)
-        encoded = tokenizer([text for _, text, _ in rows], truncation=True, max_length=c.max_length)["input_ids"]
-        examples = []
-        for index, ((where, _, label), ids) in enumerate(zip(rows, encoded)):
-            if not ids:
-                raise DataError(f"{where}: the text has no tokens")
-            one_hot = [0.0] * c.num_classes
-            one_hot[label] = 1.0
-            example = {"input_ids": list(ids), "soft_labels": one_hot, "label": label, "index": index}
-            if self.label_token_ids is not None:
-                example["label_token_ids"] = self.label_token_ids
-            examples.append(example)
+        return check_row(where, row, c.text_key, c.label_key, c.num_classes)
+
+    def _encode_row(self, tokenizer: Any, where: str, checked: tuple[str, int], report: DataReport) -> Example:
+        text, label = checked
+        ids = tokenizer(text, truncation=True, max_length=self.config.max_length)["input_ids"]
+        if not ids:
+            raise DataError(f"{where}: the text has no tokens")
+        one_hot = [0.0] * self.config.num_classes
+        one_hot[label] = 1.0
+        example = {"input_ids": list(ids), "soft_labels": one_hot, "label": label, "index": None}  # index: _finish
+        if self.label_token_ids is not None:
+            example["label_token_ids"] = self.label_token_ids
+        return example
+
+    def _finish(self, path: Path, examples: list[Example]) -> list[Example]:
+        """Each example's position in its file (``index``), and the training file's soft labels."""
+        c = self.config
+        for index, example in enumerate(examples):
+            example["index"] = index
         if path == c.path and c.soft_labels_path is not None:  # aligned with the training file's rows
             soft = read_soft_labels(c.soft_labels_path, len(examples), c.num_classes)
             for example, probs in zip(examples, soft):
