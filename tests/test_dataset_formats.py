@@ -349,3 +349,34 @@ def test_train_on_a_dataset_dict_folder(tmp_path):
     folder = save_dict(tmp_path / "hf", rows, rows[:4])
     train_two_steps(recipe(tmp_path, {"name": "sft", "path": str(folder), "eval_split": "test"}))
     assert read_metrics(tmp_path / "run", split="eval")
+
+
+# --------------------------------------------------------------------------------------
+# rollout (GRPO/PPO prompts): chat messages rendered with the generation cue
+# --------------------------------------------------------------------------------------
+
+
+def rollout(tmp_path: Path, tok, rows: list[Any]) -> DataSplits:
+    from aligntk_rl.data import RolloutData
+
+    data = RolloutData(RolloutData.Config(path=write_jsonl(tmp_path / "prompts.jsonl", rows)))
+    return data.load(DataContext(tokenizer=tok, seed=0, rewards=[(1.0, lambda p, c, **f: [0.0] * len(c))]))
+
+
+def test_rollout_chat_prompts_are_the_rendered_template_with_the_generation_cue(tmp_path, tok):
+    (example,) = rollout(tmp_path, tok, [{"prompt": [user("1+2=")], "completion": "3"}]).train
+    text = tok.apply_chat_template([user("1+2=")], tokenize=False, add_generation_prompt=True)
+    assert example["prompt"] == text and example["reference"] == "3"
+    assert example["prompt_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": [user("1+2="), assistant("3")]}, r"prompts.jsonl:1: 'prompt' must not end with an assistant"),
+        ({"prompt": [{"role": "user"}]}, r"prompts.jsonl:1: "),
+        ({"prompt": 5}, r"prompts.jsonl:1: expected a non-empty string or a list of messages under 'prompt'"),
+    ],
+)
+def test_rollout_bad_chat_prompt_is_one_line_naming_it(tmp_path, tok, row, message):
+    one_line_error(message, lambda: rollout(tmp_path, tok, [row]))

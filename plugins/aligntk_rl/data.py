@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,16 +15,18 @@ from aligntk import (
     DataCapabilities,
     DataContext,
     DataError,
+    DataReport,
     DataSplits,
     Example,
     FileDataConfig,
     Models,
+    check_messages,
     left_pad,
     load_splits,
     pad,
     pad_tokens,
     part,
-    read_rows,
+    render_chat,
     require_pad_token,
     unwrap,
 )
@@ -56,6 +59,11 @@ class RolloutConfig(FileDataConfig):
     advantage: part("advantage") = "group"
     iterations: PositiveInt = 1
 
+    # Sampling and advantages happen after encoding: changing them keeps the tokenization cache.
+    not_encoding = FileDataConfig.not_encoding | {
+        "num_generations", "max_new_tokens", "temperature", "top_p", "advantage", "iterations"
+    }
+
 
 class RolloutData:
     """Samples ``G`` completions per prompt, scores them with the recipe's rewards, and
@@ -83,21 +91,8 @@ class RolloutData:
         require_pad_token(ctx.tokenizer)
         self.tokenizer, self.rewards = ctx.tokenizer, ctx.rewards
         self.reward_names = _unique(ctx.reward_names or [_name_of(r) for _, r in ctx.rewards])
-        return load_splits(self.config, ctx.seed, lambda path, report: self._read(path), tokenizer=ctx.tokenizer)
-
-    def _read(self, path: Any) -> list[Example]:
-        c = self.config
-        out = []
-        for where, row in read_rows(path):
-            prompt = row.get(c.prompt_key)
-            if not isinstance(prompt, str) or not prompt:
-                raise DataError(f"{where}: expected a non-empty string under {c.prompt_key!r}")
-            reference = row.get(c.reference_key, "")
-            if not isinstance(reference, str):
-                raise DataError(f"{where}: {c.reference_key!r} must be a string")
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            out.append({"prompt": prompt, "prompt_ids": ids, "reference": reference})
-        return out
+        encode = functools.partial(_encode_prompt, self.config.prompt_key, self.config.reference_key, ctx.tokenizer)
+        return load_splits(self.config, ctx.seed, encode=encode, tokenizer=ctx.tokenizer)
 
     def rollout(self, models: Models, examples: Sequence[Example]) -> list[Example]:
         c, tok = self.config, self.tokenizer
@@ -177,6 +172,28 @@ class RolloutData:
         for name in examples[0].get("reward_parts", {}):
             batch[f"reward/{name}"] = torch.tensor([e["reward_parts"][name] for e in examples])
         return batch
+
+
+def _encode_prompt(prompt_key: str, reference_key: str, tokenizer: Any, where: str, row: dict[str, Any], report: DataReport) -> Example:
+    """One prompt row to ``{"prompt", "prompt_ids", "reference"}``."""
+    prompt = row.get(prompt_key)
+    if isinstance(prompt, list):  # chat messages: rendered with the model's template and its generation cue
+        messages = check_messages(prompt, where, prompt_key, expected="a string or a list of messages")
+        if messages[-1]["role"] == "assistant":
+            raise DataError(f"{where}: {prompt_key!r} must not end with an assistant message (the policy writes it)")
+        text = render_chat(tokenizer, messages, where, generation_prompt=True)
+        reference = row.get(reference_key, "")
+        if not isinstance(reference, str):
+            raise DataError(f"{where}: {reference_key!r} must be a string")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
+        return {"prompt": text, "prompt_ids": ids, "reference": reference}
+    if not isinstance(prompt, str) or not prompt:
+        raise DataError(f"{where}: expected a non-empty string or a list of messages under {prompt_key!r}")
+    reference = row.get(reference_key, "")
+    if not isinstance(reference, str):
+        raise DataError(f"{where}: {reference_key!r} must be a string")
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return {"prompt": prompt, "prompt_ids": ids, "reference": reference}
 
 
 def _until_eos(row: list[int], eos: int | None, pad_id: int) -> list[int]:
