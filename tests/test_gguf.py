@@ -1,7 +1,7 @@
 """GGUF checkpoints: loading one as a plain model, ``aligntk import``, recipes with ``model.gguf_file``.
 
 Every test reads a tiny llama GGUF written at test time (tests/gguf_fixture.py), so this file
-needs no download; tests/test_gguf_real.py (slow) repeats the import on the real SmolLM2 file.
+needs no download; tests/test_real_recipes.py (slow) repeats the import on the real SmolLM2 file.
 """
 
 from __future__ import annotations

@@ -202,6 +202,7 @@ def worker_trl(spec: dict, out: Path, clock: StepClock) -> dict:
         save_strategy="no",
         disable_tqdm=True,
         seed=spec["seed"],
+        use_liger_kernel=spec["liger"],  # --liger: Liger's fused linear cross-entropy (CUDA, liger-kernel)
     )
     if spec["method"] == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -345,6 +346,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="cpu: torch threads per run (default: all cores)")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler over the timed steps of each run: profile_<framework>.txt")
+    parser.add_argument("--liger", action="store_true",
+                        help="TRL side with use_liger_kernel=True (needs CUDA and the liger-kernel package)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/peers/results (sft) or results/dpo (dpo)")
@@ -399,6 +402,11 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
+    if args.liger:
+        import importlib.util
+
+        if args.device != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+            parser.error("--liger: Liger's kernels need --device cuda and pip install liger-kernel")
     threads = args.threads or os.cpu_count() or 1
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -409,7 +417,8 @@ def main() -> None:
                 "checkpointing": args.checkpointing, "beta": args.beta,
                 "seed": args.seed, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                 "max_length": args.max_length, "lr": args.lr, "precision": args.precision, "device": args.device,
-                "threads": threads, "profile": args.profile, "step_tokens": shared["step_tokens"]}
+                "threads": threads, "profile": args.profile, "step_tokens": shared["step_tokens"],
+                "liger": args.liger}
         runs = _run_all(args, work, spec)
     write_results(args, parser, shared, runs, threads)
 
@@ -451,6 +460,7 @@ def write_results(args: argparse.Namespace, parser: argparse.ArgumentParser, sha
         "reference": reference or None,
         "checkpointing": checkpointing,
         "device": a[0]["device_name"] + ("" if cuda else " per run"),
+        "trl_use_liger_kernel": args.liger,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in hidden_args},
         "model": {"parameters": shared["parameters"], "config": shared["model_config"]},
