@@ -111,9 +111,8 @@ def sft_run(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sft_lora_runs_and_saves_an_adapter_that_loads_with_peft(sft_run: Path) -> None:
     from peft import AutoPeftModelForCausalLM
 
-    records = read_metrics(sft_run)
-    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
-    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in read_metrics(sft_run)] == [1, 2]
+    evals = read_metrics(sft_run, split="eval")
     assert evals[0]["step"] == 0 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     model = AutoPeftModelForCausalLM.from_pretrained(sft_run / "model")  # base found offline, no hub
     assert model.peft_config["default"].peft_type.value == "LORA"
@@ -123,7 +122,7 @@ def test_dpo_from_the_sft_adapter_starts_at_margin_zero(sft_run: Path, tmp_path:
     out = tmp_path / "dpo"
     small = [f"data.path={head('dpo_train.jsonl', tmp_path, 32)}", f"data.eval_path={head('dpo_test.jsonl', tmp_path)}"]
     aligntk("run", str(REAL / "dpo_lora.yaml"), f"model.path={sft_run / 'model'}", f"output_dir={out}", *small, *SHORT)
-    first = next(r for r in read_metrics(out) if r["split"] == "train")
+    first = read_metrics(out)[0]
     # The reference is the SFT model (base + adapter), equal to the policy before step 1.
     assert first["step"] == 1 and abs(first["rewards/margin"]) < 1e-6, first
     assert abs(first["loss"] - 0.6931471805599453) < 1e-5
@@ -133,7 +132,7 @@ def test_grpo_from_the_sft_adapter_runs(sft_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "grpo"
     small = f"data.eval_path={head('rl_test.jsonl', tmp_path)}"
     aligntk("run", str(REAL / "grpo_lora.yaml"), f"model.path={sft_run / 'model'}", f"output_dir={out}", small, *SHORT)
-    train = [r for r in read_metrics(out) if r["split"] == "train"]
+    train = read_metrics(out)
     assert [r["step"] for r in train] == [1, 2]
     assert 0.0 <= train[0]["reward"] <= 1.0
     assert (out / "model" / "adapter_config.json").is_file()
