@@ -100,18 +100,7 @@ class RolloutData:
         device = next(policy.parameters()).device
         g = c.num_generations
         group = [e for e in examples for _ in range(g)]
-        ids, mask = left_pad([e["prompt_ids"] for e in group], tok.pad_token_id)
-        generated = policy.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=True,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            max_new_tokens=c.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )[:, ids.size(1) :].tolist()
-        completions = [_until_eos(row, tok.eos_token_id, tok.pad_token_id) for row in generated]
+        completions = sample_completions(policy, tok, [e["prompt_ids"] for e in group], c)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         rewards = torch.zeros(len(group))
         parts: dict[str, torch.Tensor] = {}  # each reward's own scores, logged as reward/<name>
@@ -194,6 +183,26 @@ def _encode_prompt(prompt_key: str, reference_key: str, tokenizer: Any, where: s
         raise DataError(f"{where}: {reference_key!r} must be a string")
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     return {"prompt": prompt, "prompt_ids": ids, "reference": reference}
+
+
+def sample_completions(model: torch.nn.Module, tok: Any, prompts: list[list[int]], c: Any) -> list[list[int]]:
+    """Sampled completion ids, one per prompt (left-padded together), each cut after its first EOS.
+
+    ``c`` gives ``temperature``, ``top_p`` and ``max_new_tokens`` (the rollout and gkd data's options).
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    generated = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        do_sample=True,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        max_new_tokens=c.max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )[:, ids.size(1) :].tolist()
+    return [_until_eos(row, tok.eos_token_id, tok.pad_token_id) for row in generated]
 
 
 def _until_eos(row: list[int], eos: int | None, pad_id: int) -> list[int]:

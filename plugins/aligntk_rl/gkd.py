@@ -41,12 +41,13 @@ from aligntk import (
     FileDataConfig,
     LossOutput,
     Models,
-    left_pad,
     load_splits,
     pad_tokens,
     require_pad_token,
     unwrap,
 )
+
+from .data import sample_completions
 
 # --------------------------------------------------------------------------------------
 # The divergence
@@ -223,21 +224,7 @@ class GKDData:
         ]
 
     def _sample(self, model: torch.nn.Module, examples: Sequence[Example]) -> list[list[int]]:
-        c, tok = self.config, self.tokenizer
-        model = unwrap(model)
-        device = next(model.parameters()).device
-        ids, mask = left_pad([e["prompt_ids"] for e in examples], tok.pad_token_id)
-        generated = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=True,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            max_new_tokens=c.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )[:, ids.size(1) :].tolist()
-        return [_until_eos(row, tok.eos_token_id, tok.pad_token_id) for row in generated]
+        return sample_completions(unwrap(model), self.tokenizer, [e["prompt_ids"] for e in examples], self.config)
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         """``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (right-padded) and ``on_policy`` ``[B]`` bool."""
@@ -247,8 +234,3 @@ class GKDData:
         return batch
 
 
-def _until_eos(row: list[int], eos: int | None, pad_id: int) -> list[int]:
-    """The completion up to and including its first EOS (as the rollout data's)."""
-    if eos is not None and eos in row:
-        return row[: row.index(eos) + 1]
-    return [t for t in row if t != pad_id] or row[:1]
