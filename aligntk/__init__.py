@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .answers import named_choice
 from .chat import check_messages, normalize_messages, render_chat
 from .classify import class_logits, class_probabilities
 from .datafiles import DataFile, FileDataConfig, describe_type, keep_fitting, load_splits, read_rows, require_pad_token
@@ -145,6 +146,8 @@ __all__ = [
     "prepends_positions",
     "token_logps",
     "unwrap",
+    # Generated answers: the choice a text names (rewards and evaluators grade by one rule).
+    "named_choice",
     # Metrics shipped as local evaluate modules (aligntk's, or a plugin's own folder).
     "available_metrics",
     "load_metric",

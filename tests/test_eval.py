@@ -172,6 +172,20 @@ def test_stub_model_scores(tok: PreTrainedTokenizerFast) -> None:
     assert evaluator(model, tok, examples) == {"exact_match": 0.0}
 
 
+def test_choice_match_grades_the_choice_an_answer_names(tok: PreTrainedTokenizerFast) -> None:
+    from aligntk_eval import GenerationChoiceMatch
+
+    model = _Answers(tok("42\n7").input_ids, tok.eos_token_id, tok.pad_token_id)
+    examples = _examples(tok, ["40+2=", "3+4=", "2+40="], ["42", "7", " 42 "])
+    evaluator = GenerationChoiceMatch(GenerationChoiceMatch.Config(choices=["42", "7"], batch_size=2, samples=3))
+    assert evaluator(model, tok, examples) == {"choice_match": pytest.approx(2 / 3)}  # "42" each time
+    assert [s.score for s in evaluator.samples()] == [1.0, 0.0, 1.0]
+    evaluator.config.stop_at_newline = False  # "42\n7" names both choices: wrong everywhere
+    assert evaluator(model, tok, examples) == {"choice_match": 0.0}
+    with pytest.raises(ValidationError):
+        GenerationChoiceMatch.Config(choices=["42"])
+
+
 def test_bad_examples_and_options(tok: PreTrainedTokenizerFast) -> None:
     model = _Answers([], tok.eos_token_id, tok.pad_token_id)
     evaluator = GenerationExactMatch()

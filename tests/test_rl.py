@@ -55,11 +55,14 @@ def _rollout_batch(model: torch.nn.Module, tok: Any) -> dict[str, torch.Tensor]:
     return data.collate(rows)
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["old-recorded", "old-absent"])
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
-def test_first_step_ratio_is_one_and_gradient_is_advantage_weighted_logprob(aggregation: str) -> None:
+def test_first_step_ratio_is_one_and_gradient_is_advantage_weighted_logprob(aggregation: str, recorded: bool) -> None:
     tok = char_tokenizer()
     model = tiny_model(tok)
     batch = _rollout_batch(model, tok)
+    if not recorded:  # one iteration per rollout: the loss takes its own log-probs as the old ones
+        del batch["old_logps"]
     loss = GRPOLoss(GRPOLoss.Config(beta=0.0, aggregation=aggregation))
     out = loss(Models({"policy": model}), batch)
     assert out.metrics["clip_fraction"][0].item() == 0.0
@@ -78,6 +81,36 @@ def test_first_step_ratio_is_one_and_gradient_is_advantage_weighted_logprob(aggr
     per_token = -(batch["advantages"] * mask)
     value = per_token.sum() if aggregation == "token" else (per_token.sum(1) / mask.sum(1)).sum()
     assert out.sum.item() == pytest.approx(value.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_rollouts_record_old_logps_only_when_the_policy_moves_before_it_trains(
+    tmp_path: Path, iterations: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aligntk_rl.data as rollout_data
+
+    from helpers import Ones
+
+    tok = char_tokenizer()
+    policy, reference = tiny_model(tok), tiny_model(tok)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    config = rollout_data.RolloutConfig(path=tmp_path / "p.jsonl", num_generations=2, max_new_tokens=3, iterations=iterations)
+    data = RolloutData(config)
+    data.tokenizer, data.rewards, data.reward_names = tok, [(1.0, Ones(Ones.Config()))], ["ones"]
+    scored_with: list[str] = []
+    forward = rollout_data.policy_forward
+
+    def counting(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        scored_with.append("reference" if model is reference else "policy")
+        return forward(model, *args, **kwargs)
+
+    monkeypatch.setattr(rollout_data, "policy_forward", counting)
+    prompt = {"prompt": "1+1=", "prompt_ids": tok("1+1=")["input_ids"], "reference": "2"}
+    rows = data.rollout(Models({"policy": policy, "reference": reference}), [prompt])
+    assert len(rows) == 2 and all("ref_logps" in r and "advantages" in r for r in rows)
+    assert all(("old_logps" in r) == (iterations > 1) for r in rows)
+    # The policy scores its samples only when the old log-probs are needed.
+    assert scored_with == (["policy", "reference"] if iterations > 1 else ["reference"])
 
 
 def test_kl_penalty_is_zero_against_itself_and_counts_units() -> None:
@@ -171,3 +204,31 @@ def test_chunked_grpo_loss_equals_the_plain_one() -> None:
         torch.testing.assert_close(chunked.metrics[name][0], plain.metrics[name][0])
     for a, b in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_named_choice_reads_the_answer_out_of_a_sentence() -> None:
+    from aligntk import named_choice
+
+    choices = ["positive", "negative"]
+    assert named_choice('The word "dismal" is Negative.', choices) == "negative"
+    assert named_choice("POSITIVE", choices) == "positive"
+    assert named_choice("positive or negative?", choices) is None  # a hedge is no answer
+    assert named_choice("nonnegative, positively", choices) is None  # whole words only
+    assert named_choice("", choices) is None
+    assert named_choice("I have no opinion.", ["no opinion", "yes"]) == "no opinion"
+
+
+def test_choice_reward_pays_for_the_right_named_answer() -> None:
+    from pydantic import ValidationError
+
+    from aligntk_rl import ChoiceAnswer
+
+    reward = ChoiceAnswer(ChoiceAnswer.Config(choices=["positive", "negative"]))
+    completions = ["It is negative.", "positive or negative", "Positive!", "no idea", "negative"]
+    references = ["negative", "negative", "positive", "positive", "positive"]
+    scores = reward(["p"] * 5, completions, references=references)
+    assert scores.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="reference answers"):
+        reward(["p"], ["positive"])
+    with pytest.raises(ValidationError):
+        ChoiceAnswer.Config(choices=["only"])

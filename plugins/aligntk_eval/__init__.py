@@ -1,4 +1,5 @@
-"""Built-in evaluators: greedy generation scored by exact match, and a classifier's accuracy.
+"""Built-in evaluators: greedy generation scored by exact match or by the choice it names, and a
+classifier's accuracy.
 
 Registered through the ``aligntk`` entry-point group like any third-party plugin, and
 imports only aligntk's public API.
@@ -10,10 +11,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from pydantic import NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from aligntk import (
     ComponentConfig, DataError, EvaluatorCapabilities, Example, Register, Sample, hookimpl, left_pad, load_metric,
+    named_choice,
 )
 
 from .accuracy import Accuracy
@@ -59,6 +61,8 @@ class GenerationExactMatch:
         samples: NonNegativeInt = 4
 
     config: Config
+    #: The registered name, for error messages.
+    name = "exact_match"
 
     @classmethod
     def capabilities(cls, config: Config) -> EvaluatorCapabilities:
@@ -84,19 +88,25 @@ class GenerationExactMatch:
         examples = self._selected(examples)
         predictions = self.generate(model, tokenizer, examples)
         references = [str(ex["reference"]) for ex in examples]
-        result = load_metric("exact_match").compute(predictions=predictions, references=references)
-        shown = range(min(self.config.samples, len(examples)))
+        scores = [self.score(p, r) for p, r in zip(predictions, references)]
         self._samples = [
             Sample(
                 prompt=tokenizer.decode(examples[i]["prompt_ids"], skip_special_tokens=True),
                 completion=predictions[i],
                 reference=references[i],
-                # The metric's rule, one answer at a time: equal after stripping whitespace.
-                score=float(predictions[i].strip() == references[i].strip()),
+                score=scores[i],
             )
-            for i in shown
+            for i in range(min(self.config.samples, len(examples)))
         ]
-        return {"exact_match": float(result["exact_match"])}
+        return {self.name: self.summarize(predictions, references, scores)}
+
+    def score(self, prediction: str, reference: str) -> float:
+        """One answer's score: 1.0 when equal to the reference after stripping whitespace."""
+        return float(prediction.strip() == reference.strip())
+
+    def summarize(self, predictions: list[str], references: list[str], scores: list[float]) -> float:
+        """The reported value: ``aligntk.load_metric("exact_match")`` over all answers."""
+        return float(load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"])
 
     def samples(self) -> list[Sample]:
         """The first ``samples`` answers of the latest call, with their prompts, references and scores."""
@@ -147,11 +157,11 @@ class GenerationExactMatch:
         # Index rather than slice: slicing some sequences (a datasets.Dataset) gives columns.
         selected = [examples[i] for i in range(n)]
         if len(selected) == 0:
-            raise DataError("the exact_match evaluator got no evaluation examples")
+            raise DataError(f"the {self.name} evaluator got no evaluation examples")
         for i, ex in enumerate(selected):
             missing = EXAMPLE_FIELDS - ex.keys()
             if missing:
-                raise DataError(f"evaluation example {i} lacks {sorted(missing)}, needed by exact_match")
+                raise DataError(f"evaluation example {i} lacks {sorted(missing)}, needed by {self.name}")
         return selected
 
     def _decode(self, tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos_id: int | None) -> str:
@@ -163,6 +173,38 @@ class GenerationExactMatch:
         if self.config.stop_at_newline:
             text = text.lstrip("\n").split("\n", 1)[0]
         return text
+
+
+class GenerationChoiceMatch(GenerationExactMatch):
+    """Greedy-generates an answer to each evaluation prompt and scores the choice it names.
+
+    For chat models that answer in a sentence: ``The word "dismal" is negative.`` is
+    right for the reference ``negative``. The answer is read with
+    :func:`aligntk.named_choice` (exactly one of ``choices`` as a whole word, case
+    ignored; none or several is wrong), the rule the rl plugin's ``choice`` reward uses,
+    so a GRPO run is evaluated by what it was rewarded for. Returns
+    ``{"choice_match": fraction}``; generation and samples are as in ``exact_match``.
+    """
+
+    class Config(GenerationExactMatch.Config):
+        """Options of the ``choice_match`` evaluator: those of ``exact_match``, and
+
+        Attributes:
+            choices: the possible answers (at least two), such as ``[positive, negative]``.
+        """
+
+        choices: list[str] = Field(min_length=2)
+
+    config: Config
+    name = "choice_match"
+
+    def score(self, prediction: str, reference: str) -> float:
+        """1.0 when the answer names exactly one choice and it is the reference's."""
+        answer = named_choice(prediction, self.config.choices)
+        return float(answer is not None and answer == named_choice(reference, self.config.choices))
+
+    def summarize(self, predictions: list[str], references: list[str], scores: list[float]) -> float:
+        return sum(scores) / len(scores)
 
 
 def _pad_and_eos(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int | None]:
@@ -177,4 +219,5 @@ def _pad_and_eos(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int | None]:
 @hookimpl
 def aligntk_register_evaluators(register: Register) -> None:
     register("exact_match", GenerationExactMatch)
+    register("choice_match", GenerationChoiceMatch)
     register("accuracy", Accuracy)

@@ -1,10 +1,10 @@
 """Online policy optimization as a loss: rollouts from the current policy, GRPO / PPO-clip, best-of-N.
 
 Registers data ``rollout``; losses ``grpo``, ``ppo`` (with a learned value head) and
-``best_of_n`` (rejection-sampling fine-tuning); rewards ``exact_answer`` and
-``reward_model`` (a model trained with the ``reward_model`` loss); and parts
-(``aligntk_register_parts``) of four kinds it defines (protocols in
-``aligntk_rl.protocols`` and ``aligntk_rl.variants``): advantage estimators ``group``,
+``best_of_n`` (rejection-sampling fine-tuning); rewards ``exact_answer``, ``choice``
+(the answer read out of free text) and ``reward_model`` (a model trained with the
+``reward_model`` loss); and parts (``aligntk_register_parts``) of four kinds it defines
+(protocols in ``aligntk_rl.protocols`` and ``aligntk_rl.variants``): advantage estimators ``group``,
 ``rloo``, ``gae`` and ``best_of_n`` (a selection); KL estimators ``k1``, ``k2``, ``k3``;
 aggregations ``token``, ``sequence`` and ``fixed_length``; policy surrogates ``clip``,
 ``cispo`` and ``sapo``. Every online method picks them by name, and methods compare
@@ -26,7 +26,7 @@ from .loss import GRPOLoss, PPOLoss
 from .online_dpo import OnlineDPOLoss
 from .pairwise import PairwiseSelection
 from .protocols import AdvantageEstimator, Aggregation, KLEstimator, Scored
-from .rewards import ExactAnswer, RewardModelScore
+from .rewards import ChoiceAnswer, ExactAnswer, RewardModelScore
 from .variants import Surrogate
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Aggregation",
     "BestOfNLoss",
     "BestOfNSelection",
+    "ChoiceAnswer",
     "ExactAnswer",
     "GKDData",
     "GKDLoss",
@@ -67,6 +68,7 @@ def aligntk_register_losses(register: Register) -> None:
 @hookimpl
 def aligntk_register_rewards(register: Register) -> None:
     register("exact_answer", ExactAnswer)
+    register("choice", ChoiceAnswer)
     register("reward_model", RewardModelScore)
 
 

@@ -47,7 +47,8 @@ class RolloutConfig(FileDataConfig):
             options as a mapping (``{name: gae, lam: 0.9}``).
         iterations: optimizer steps on each batch of rollouts before sampling again
             (PPO's epochs, GRPO's ``num_iterations``); the old log-probs are from sampling
-            time, so the clipped ratio is right on every one.
+            time, so the clipped ratio is right on every one. With 1 (and no value head)
+            they are not recorded: the policy that trains is the one that sampled.
     """
 
     prompt_key: str = "prompt"
@@ -118,13 +119,23 @@ class RolloutData:
         ]
         batch = {k: v.to(device) for k, v in self.collate_tokens(rows).items()}
         value_head = self._value_head(models)
-        sampled = policy_forward(policy, batch, value_head)
-        old, values = sampled.logps, sampled.values
-        ref = policy_forward(models["reference"], batch).logps if "reference" in models else old
+        # With one optimizer step per rollout and no value head, the policy that trains on
+        # these rows is the one that sampled them: the loss takes its own log-probs
+        # (detached) as the old ones, so the ratio is 1 and one forward pass is saved, as in
+        # TRL with num_iterations 1. Otherwise the old log-probs are recorded now.
+        old = values = None
+        if c.iterations > 1 or value_head is not None:
+            sampled = policy_forward(policy, batch, value_head)
+            old, values = sampled.logps, sampled.values
+        ref = policy_forward(models["reference"], batch).logps if "reference" in models else None
         mask = (batch["labels"] != IGNORE_INDEX).float()
         scored = Scored(rewards=rewards.to(device), group_size=g, mask=mask, logps=old, ref_logps=ref, values=values)
         advantages, returns = self.advantage(scored)
-        per_token = {"old_logps": old, "ref_logps": ref, "advantages": advantages}
+        per_token = {"advantages": advantages}
+        if old is not None:
+            per_token["old_logps"] = old
+        if ref is not None:
+            per_token["ref_logps"] = ref
         if returns is not None:
             per_token.update(old_values=values, returns=returns)
         per_token = {k: v.float().cpu() for k, v in per_token.items()}
@@ -201,8 +212,18 @@ def sample_completions(model: torch.nn.Module, tok: Any, prompts: list[list[int]
         max_new_tokens=c.max_new_tokens,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
+        # A sharded model gathers its weights in every forward, a collective: each process
+        # must run as many decoding steps as the slowest, or the others wait forever.
+        synced_gpus=_is_sharded(model),
     )[:, ids.size(1) :].tolist()
     return [_until_eos(row, tok.eos_token_id, tok.pad_token_id) for row in generated]
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or a part of it) is sharded with FSDP2 across several processes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.distributed.is_initialized() and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _until_eos(row: list[int], eos: int | None, pad_id: int) -> list[int]:

@@ -135,7 +135,9 @@ class GRPOLoss:
     """The clipped surrogate on sampled completions, with advantages from the data."""
 
     Config = GRPOConfig
-    requires = frozenset({"input_ids", "attention_mask", "labels", "old_logps", "ref_logps", "advantages", "rewards"})
+    # old_logps and ref_logps are read when the batch has them (rollout data leaves out the
+    # old ones when the policy has not changed since sampling).
+    requires = frozenset({"input_ids", "attention_mask", "labels", "advantages", "rewards"})
     roles = ("policy", "reference")
 
     def __init__(self, config: GRPOConfig):
@@ -163,14 +165,18 @@ class GRPOLoss:
         mask = (batch["labels"] != IGNORE_INDEX).float()
         advantages = batch["advantages"]
         advantages = advantages[:, None] if advantages.dim() == 1 else advantages
-        ratio = importance_ratio(out.logps, batch["old_logps"], mask, c.importance_sampling)
+        # No old log-probs: the rows were sampled by this very policy (one iteration), so the
+        # old ones are its own, detached (ratio 1, gradient of log-prob), as TRL does.
+        old = batch["old_logps"] if "old_logps" in batch else out.logps.detach()
+        ref = batch["ref_logps"] if "ref_logps" in batch else old
+        ratio = importance_ratio(out.logps, old, mask, c.importance_sampling)
         surrogate, clipped = self.surrogate(ratio, out.logps, advantages, c.epsilon, c.epsilon_high or c.epsilon)
         entropy = out.entropy
         high = None
         if c.top_entropy_quantile < 1.0:
             high = top_entropy_mask(entropy, mask, c.top_entropy_quantile).to(surrogate.dtype)
             surrogate = surrogate * high
-        kl = self.kl(out.logps, batch["ref_logps"])
+        kl = self.kl(out.logps, ref)
         if c.kl_bias_correction:
             kl = kl * ratio
         per_token = surrogate + c.beta * kl

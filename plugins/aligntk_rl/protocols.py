@@ -27,7 +27,8 @@ class Scored:
         rewards: ``[N]`` one scalar reward per completion.
         group_size: completions per prompt; rows ``[k * G, (k + 1) * G)`` share a prompt.
         mask: 1.0 on completion tokens, 0.0 on prompt and padding.
-        logps: the policy's token log-probs at sampling time.
+        logps: the policy's token log-probs at sampling time, or ``None`` when the data did
+            not record them (one optimizer step per rollout and no value head).
         ref_logps: the reference's token log-probs, or ``None`` when there is no reference.
         values: the value head's estimate before each token, or ``None`` without one.
     """
@@ -35,7 +36,7 @@ class Scored:
     rewards: torch.Tensor
     group_size: int
     mask: torch.Tensor
-    logps: torch.Tensor
+    logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
     values: torch.Tensor | None = None
 

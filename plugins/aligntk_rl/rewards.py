@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 
-from aligntk import ComponentConfig, LocalFile
+from aligntk import ComponentConfig, LocalFile, named_choice
 
 
 class ExactAnswerConfig(ComponentConfig):
@@ -28,6 +28,41 @@ class ExactAnswer:
         if references is None:
             raise ValueError("exact_answer needs the data's reference answers")
         return torch.tensor([float(c.strip() == r.strip()) for c, r in zip(completions, references)])
+
+
+class ChoiceAnswerConfig(ComponentConfig):
+    """Options of the ``choice`` reward.
+
+    Attributes:
+        choices: the possible answers (at least two), such as ``[positive, negative]``.
+    """
+
+    choices: list[str] = Field(min_length=2)
+
+
+class ChoiceAnswer:
+    """1.0 when the completion names exactly one of the choices and it is the reference answer.
+
+    The answer is read out of free text with :func:`aligntk.named_choice` (whole word, case
+    ignored): ``The word "dismal" is negative.`` earns 1 for the reference ``negative``; a
+    completion naming no choice, or both ("positive or negative"), earns 0. The
+    ``choice_match`` evaluator grades held-out answers by the same rule.
+    """
+
+    Config = ChoiceAnswerConfig
+
+    def __init__(self, config: ChoiceAnswerConfig):
+        self.config = config
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> torch.Tensor:
+        references = fields.get("references")
+        if references is None:
+            raise ValueError("the choice reward needs the data's reference answers")
+        scores = []
+        for completion, reference in zip(completions, references):
+            answer = named_choice(completion, self.config.choices)
+            scores.append(float(answer is not None and answer == named_choice(reference, self.config.choices)))
+        return torch.tensor(scores)
 
 
 class RewardModelScoreConfig(ComponentConfig):
