@@ -49,6 +49,7 @@ from .types import (
 
 if TYPE_CHECKING:
     from .api import run_resolved, train
+    from .divergences import Divergence, kl_divergence, token_divergence
     from .logprobs import ChunkSize, TokenLogps, logps_from_logits, prepends_positions, token_logps
     from .models import frozen_copy, unwrap
 
@@ -56,6 +57,9 @@ __version__ = "0.1.0"
 
 #: Public names whose modules load transformers or the engine: imported on first access.
 _LAZY: dict[str, str] = {
+    "Divergence": "divergences",
+    "kl_divergence": "divergences",
+    "token_divergence": "divergences",
     "ChunkSize": "logprobs",
     "TokenLogps": "logprobs",
     "logps_from_logits": "logprobs",
@@ -148,6 +152,10 @@ __all__ = [
     "unwrap",
     # Generated answers: the choice a text names (rewards and evaluators grade by one rule).
     "named_choice",
+    # Divergences between next-token distributions (distillation: w2s, GKD).
+    "Divergence",
+    "kl_divergence",
+    "token_divergence",
     # Metrics shipped as local evaluate modules (aligntk's, or a plugin's own folder).
     "available_metrics",
     "load_metric",

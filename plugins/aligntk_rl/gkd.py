@@ -20,7 +20,6 @@ needs a reward only to log it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +43,7 @@ from aligntk import (
     load_splits,
     pad_tokens,
     require_pad_token,
+    token_divergence,
     unwrap,
 )
 
@@ -73,14 +73,8 @@ def generalized_jsd(
     """
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    if beta == 0:
-        return F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)
-    if beta == 1:
-        return F.kl_div(teacher, student, reduction="none", log_target=True).sum(-1)
-    mixture = torch.logsumexp(torch.stack([student + math.log1p(-beta), teacher + math.log(beta)]), dim=0)
-    kl_teacher = F.kl_div(mixture, teacher, reduction="none", log_target=True).sum(-1)
-    kl_student = F.kl_div(mixture, student, reduction="none", log_target=True).sum(-1)
-    return beta * kl_teacher + (1 - beta) * kl_student
+    kind = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
+    return token_divergence(student, teacher, kind, beta)
 
 
 # --------------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ Every function upcasts logits to float32 before a softmax and returns per-exampl
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-from aligntk import IGNORE_INDEX
-DistillKind = Literal["forward_kl", "reverse_kl", "jsd"]
+from aligntk import IGNORE_INDEX, Divergence, token_divergence
+
+#: The divergences token distillation offers (``aligntk.token_divergence``).
+DistillKind = Divergence
 
 
 # --------------------------------------------------------------------------------------
@@ -255,49 +255,6 @@ def product_loss(logits: torch.Tensor, weak: torch.Tensor, alpha: float = 1.0, b
 # --------------------------------------------------------------------------------------
 # Token-level distillation for generation
 # --------------------------------------------------------------------------------------
-
-
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q)`` over the last dimension, from log-probabilities: ``[..., V]`` -> ``[...]``."""
-    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
-
-
-def token_divergence(
-    student_log_probs: torch.Tensor,
-    teacher_log_probs: torch.Tensor,
-    kind: DistillKind = "forward_kl",
-    beta: float = 0.5,
-) -> torch.Tensor:
-    """Per-position divergence between teacher and student next-token distributions.
-
-    * ``forward_kl``: ``KL(teacher || student)`` (mode covering; TRL GKD ``beta=0``).
-    * ``reverse_kl``: ``KL(student || teacher)`` (mode seeking; TRL GKD ``beta=1``).
-    * ``jsd``: generalized JSD of GKD (Agarwal et al. 2023, eq. 1,
-      https://arxiv.org/abs/2306.13649) with TRL's convention
-      ``beta * KL(teacher || m) + (1 - beta) * KL(student || m)`` and
-      ``m = beta * teacher + (1 - beta) * student``, for ``0 < beta < 1``.
-
-    Args:
-        student_log_probs: ``[..., V]`` student log-probabilities.
-        teacher_log_probs: ``[..., V]`` teacher log-probabilities.
-        kind: which divergence.
-        beta: the JSD interpolation weight (only for ``jsd``).
-
-    Returns:
-        ``[...]`` divergence per position.
-    """
-    if kind == "forward_kl":
-        return _kl(teacher_log_probs, student_log_probs)
-    if kind == "reverse_kl":
-        return _kl(student_log_probs, teacher_log_probs)
-    if kind == "jsd":
-        if not 0 < beta < 1:
-            raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; use forward_kl (beta 0) or reverse_kl (beta 1)")
-        mixture = torch.logsumexp(
-            torch.stack([student_log_probs + math.log1p(-beta), teacher_log_probs + math.log(beta)]), dim=0
-        )
-        return beta * _kl(teacher_log_probs, mixture) + (1 - beta) * _kl(student_log_probs, mixture)
-    raise ValueError(f"unknown divergence {kind!r}; choose forward_kl, reverse_kl or jsd")
 
 
 def token_distill(
