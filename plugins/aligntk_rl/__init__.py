@@ -7,7 +7,9 @@ Registers data ``rollout``; losses ``grpo``, ``ppo`` (with a learned value head)
 (protocols in ``aligntk_rl.protocols`` and ``aligntk_rl.variants``): advantage estimators ``group``,
 ``rloo``, ``gae`` and ``best_of_n`` (a selection); KL estimators ``k1``, ``k2``, ``k3``;
 aggregations ``token``, ``sequence`` and ``fixed_length``; policy surrogates ``clip``,
-``cispo`` and ``sapo``. Every online method picks them by name, and methods compare
+``cispo`` and ``sapo``; generators (``aligntk_rl.generators``) ``hf`` (the policy's
+``generate``, the default) and ``vllm`` (a colocated vLLM engine fed the policy's weights
+after every optimizer step). Every online method picks them by name, and methods compare
 under the same ones; another plugin adds its own by registering a part of the same kind.
 Also: loss ``online_dpo`` with the advantage ``pairwise`` (online DPO), and data and loss
 ``gkd`` (on-policy distillation from a frozen teacher).
@@ -21,6 +23,7 @@ from . import estimators as est
 from . import variants
 from .best_of_n import BestOfNLoss, BestOfNSelection
 from .data import RolloutData
+from .generators import Generator, HFGenerator, Samples, VLLMGenerator
 from .gkd import GKDData, GKDLoss
 from .loss import GRPOLoss, PPOLoss
 from .online_dpo import OnlineDPOLoss
@@ -39,14 +42,18 @@ __all__ = [
     "GKDData",
     "GKDLoss",
     "GRPOLoss",
+    "Generator",
+    "HFGenerator",
     "KLEstimator",
     "OnlineDPOLoss",
     "PPOLoss",
     "PairwiseSelection",
     "RewardModelScore",
     "RolloutData",
+    "Samples",
     "Scored",
     "Surrogate",
+    "VLLMGenerator",
 ]
 
 
@@ -88,3 +95,5 @@ def aligntk_register_parts(register: RegisterPart) -> None:
     register("surrogate", "clip", variants.ClipSurrogate)
     register("surrogate", "cispo", variants.CISPOSurrogate)
     register("surrogate", "sapo", variants.SAPOSurrogate)
+    register("generator", "hf", HFGenerator)
+    register("generator", "vllm", VLLMGenerator)

@@ -21,7 +21,6 @@ from aligntk import (
     FileDataConfig,
     Models,
     check_messages,
-    left_pad,
     load_splits,
     pad,
     pad_tokens,
@@ -31,6 +30,7 @@ from aligntk import (
     unwrap,
 )
 
+from .generators import pad_logps, sampling_correction
 from .loss import policy_forward
 from .protocols import Scored
 
@@ -49,6 +49,12 @@ class RolloutConfig(FileDataConfig):
             (PPO's epochs, GRPO's ``num_iterations``); the old log-probs are from sampling
             time, so the clipped ratio is right on every one. With 1 (and no value head)
             they are not recorded: the policy that trains is the one that sampled.
+        generator: a registered generator: ``hf`` (the policy's ``generate``) or ``vllm``
+            (a vLLM engine fed the policy's weights; its options in docs/rl.md). With a
+            sampler other than the policy (vllm) the old log-probs are always recorded:
+            the trainer's, with the truncated importance weight of the mismatch for the loss
+            (``sampling/importance_ratio``, the generator's ``correction``), or, with
+            ``correction: none``, the sampler's own.
     """
 
     prompt_key: str = "prompt"
@@ -59,10 +65,11 @@ class RolloutConfig(FileDataConfig):
     top_p: float = Field(1.0, gt=0, le=1)
     advantage: part("advantage") = "group"
     iterations: PositiveInt = 1
+    generator: part("generator") = "hf"
 
     # Sampling and advantages happen after encoding: changing them keeps the tokenization cache.
     not_encoding = FileDataConfig.not_encoding | {
-        "num_generations", "max_new_tokens", "temperature", "top_p", "advantage", "iterations"
+        "num_generations", "max_new_tokens", "temperature", "top_p", "advantage", "iterations", "generator"
     }
 
 
@@ -74,6 +81,7 @@ class RolloutData:
     provides = frozenset(
         {"input_ids", "attention_mask", "labels", "old_logps", "ref_logps", "advantages", "rewards"}
         | {"old_values", "returns"}  # with a value-based estimator (gae)
+        | {"sampling/logp_difference", "sampling/importance_ratio"}  # with a sampler other than the policy
     )
 
     @classmethod
@@ -85,6 +93,7 @@ class RolloutData:
     def __init__(self, config: RolloutConfig):
         self.config = config
         self.advantage = config.advantage.build()
+        self.generator = config.generator.build()
 
     def load(self, ctx: DataContext) -> DataSplits:
         if not ctx.rewards:
@@ -101,7 +110,8 @@ class RolloutData:
         device = next(policy.parameters()).device
         g = c.num_generations
         group = [e for e in examples for _ in range(g)]
-        completions = sample_completions(policy, tok, [e["prompt_ids"] for e in group], c)
+        samples = self.generator.sample(policy, tok, [e["prompt_ids"] for e in group], c)
+        completions = samples.completions
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         rewards = torch.zeros(len(group))
         parts: dict[str, torch.Tensor] = {}  # each reward's own scores, logged as reward/<name>
@@ -119,19 +129,31 @@ class RolloutData:
         ]
         batch = {k: v.to(device) for k, v in self.collate_tokens(rows).items()}
         value_head = self._value_head(models)
-        # With one optimizer step per rollout and no value head, the policy that trains on
-        # these rows is the one that sampled them: the loss takes its own log-probs
-        # (detached) as the old ones, so the ratio is 1 and one forward pass is saved, as in
-        # TRL with num_iterations 1. Otherwise the old log-probs are recorded now.
-        old = values = None
-        if c.iterations > 1 or value_head is not None:
-            sampled = policy_forward(policy, batch, value_head)
-            old, values = sampled.logps, sampled.values
-        ref = policy_forward(models["reference"], batch).logps if "reference" in models else None
         mask = (batch["labels"] != IGNORE_INDEX).float()
+        # With one optimizer step per rollout, no value head and the policy as the sampler,
+        # the policy that trains on these rows is the one that sampled them: the loss takes
+        # its own log-probs (detached) as the old ones, so the ratio is 1 and one forward
+        # pass is saved, as in TRL with num_iterations 1. Otherwise the old log-probs are
+        # recorded now: the trainer's, or (another sampler, no correction) the sampler's.
+        sampler = None
+        if samples.logps is not None:
+            starts = [len(e["prompt_ids"]) for e in group]
+            sampler = pad_logps(samples.logps, starts, batch["input_ids"].size(1)).to(device)
+        correction = self.generator.correction if sampler is not None else None
+        trainer = values = None
+        if value_head is not None or correction is not None or (sampler is None and c.iterations > 1):
+            sampled = policy_forward(policy, batch, value_head)
+            trainer, values = sampled.logps, sampled.values
+        old = trainer if sampler is None or correction is not None else sampler
+        ref = policy_forward(models["reference"], batch).logps if "reference" in models else None
         scored = Scored(rewards=rewards.to(device), group_size=g, mask=mask, logps=old, ref_logps=ref, values=values)
         advantages, returns = self.advantage(scored)
         per_token = {"advantages": advantages}
+        if sampler is not None and trainer is not None:
+            # The sampler/trainer mismatch, logged as TRL's sampling_logp_difference (mean).
+            per_token["sampling/logp_difference"] = (trainer - sampler).abs() * mask
+        if correction is not None:  # the policy losses multiply their per-token surrogate by it, as TRL
+            per_token["sampling/importance_ratio"] = sampling_correction(trainer, sampler, mask, correction)
         if old is not None:
             per_token["old_logps"] = old
         if ref is not None:
@@ -165,7 +187,7 @@ class RolloutData:
         (weighted sum) and each reward's own scores ``reward/<name>`` ``[B]``."""
         batch = self.collate_tokens(examples)
         width = batch["input_ids"].size(1)
-        for name in ("old_logps", "ref_logps", "advantages", "old_values", "returns"):
+        for name in ("old_logps", "ref_logps", "advantages", "old_values", "returns", *_SAMPLING):
             if name in examples[0]:
                 batch[name] = pad([e[name] for e in examples], 0.0, width=width, dtype=torch.float32)
         batch["rewards"] = torch.tensor([e["reward"] for e in examples])
@@ -196,41 +218,8 @@ def _encode_prompt(prompt_key: str, reference_key: str, tokenizer: Any, where: s
     return {"prompt": prompt, "prompt_ids": ids, "reference": reference}
 
 
-def sample_completions(model: torch.nn.Module, tok: Any, prompts: list[list[int]], c: Any) -> list[list[int]]:
-    """Sampled completion ids, one per prompt (left-padded together), each cut after its first EOS.
-
-    ``c`` gives ``temperature``, ``top_p`` and ``max_new_tokens`` (the rollout and gkd data's options).
-    """
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, tok.pad_token_id)
-    generated = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        do_sample=True,
-        temperature=c.temperature,
-        top_p=c.top_p,
-        max_new_tokens=c.max_new_tokens,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        # A sharded model gathers its weights in every forward, a collective: each process
-        # must run as many decoding steps as the slowest, or the others wait forever.
-        synced_gpus=_is_sharded(model),
-    )[:, ids.size(1) :].tolist()
-    return [_until_eos(row, tok.eos_token_id, tok.pad_token_id) for row in generated]
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (or a part of it) is sharded with FSDP2 across several processes."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return torch.distributed.is_initialized() and any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def _until_eos(row: list[int], eos: int | None, pad_id: int) -> list[int]:
-    """The completion up to and including its first EOS (the policy learns to stop)."""
-    if eos is not None and eos in row:
-        return row[: row.index(eos) + 1]
-    return [t for t in row if t != pad_id] or row[:1]
+#: Per-token fields of a rollout from a sampler other than the policy (``[B, T]``, 0 off the completion).
+_SAMPLING = ("sampling/logp_difference", "sampling/importance_ratio")
 
 
 def _name_of(reward: Any) -> str:

@@ -42,12 +42,13 @@ from aligntk import (
     Models,
     load_splits,
     pad_tokens,
+    part,
     require_pad_token,
     token_divergence,
     unwrap,
 )
 
-from .data import sample_completions
+from .generators import Generator, HFGenerator
 
 # --------------------------------------------------------------------------------------
 # The divergence
@@ -152,6 +153,8 @@ class GKDDataConfig(FileDataConfig):
         seq_kd: off-policy micro-batches use the teacher's samples instead of the
             dataset's completions (sequence-level KD; TRL ``false``).
         max_new_tokens, temperature, top_p: sampling (TRL ``128``, ``0.9``, ``1.0``).
+        generator: a registered generator for the student's samples: ``hf`` or ``vllm``
+            (the ``rollout`` data's; the teacher's, with ``seq_kd``, are always ``hf``).
     """
 
     prompt_key: str = "prompt"
@@ -161,8 +164,11 @@ class GKDDataConfig(FileDataConfig):
     max_new_tokens: PositiveInt = 128
     temperature: float = Field(0.9, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    generator: part("generator") = "hf"
 
-    not_encoding = FileDataConfig.not_encoding | {"lmbda", "seq_kd", "max_new_tokens", "temperature", "top_p"}
+    not_encoding = FileDataConfig.not_encoding | {
+        "lmbda", "seq_kd", "max_new_tokens", "temperature", "top_p", "generator"
+    }
 
 
 class GKDData:
@@ -177,6 +183,8 @@ class GKDData:
 
     def __init__(self, config: GKDDataConfig):
         self.config = config
+        self.generator = config.generator.build()
+        self.teacher_generator = HFGenerator(HFGenerator.Config())
 
     def load(self, ctx: DataContext) -> DataSplits:
         require_pad_token(ctx.tokenizer)
@@ -203,9 +211,9 @@ class GKDData:
         # generator is the engine's, so a resumed run draws as the uninterrupted one
         on_policy = torch.rand(()).item() < c.lmbda  # [0, 1): lmbda 1 always, 0 never
         if on_policy:
-            completions = self._sample(models.policy, examples)
+            completions = self._sample(self.generator, models.policy, examples)
         elif c.seq_kd:
-            completions = self._sample(models["teacher"], examples)
+            completions = self._sample(self.teacher_generator, models["teacher"], examples)
         else:
             completions = [list(e["completion_ids"]) for e in examples]
         return [
@@ -217,8 +225,9 @@ class GKDData:
             for e, comp in zip(examples, completions)
         ]
 
-    def _sample(self, model: torch.nn.Module, examples: Sequence[Example]) -> list[list[int]]:
-        return sample_completions(unwrap(model), self.tokenizer, [e["prompt_ids"] for e in examples], self.config)
+    def _sample(self, generator: Generator, model: torch.nn.Module, examples: Sequence[Example]) -> list[list[int]]:
+        prompts = [e["prompt_ids"] for e in examples]
+        return generator.sample(unwrap(model), self.tokenizer, prompts, self.config).completions
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         """``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (right-padded) and ``on_policy`` ``[B]`` bool."""

@@ -176,6 +176,8 @@ class GRPOLoss:
         if c.top_entropy_quantile < 1.0:
             high = top_entropy_mask(entropy, mask, c.top_entropy_quantile).to(surrogate.dtype)
             surrogate = surrogate * high
+        if "sampling/importance_ratio" in batch:  # rollouts from another sampler (vllm): TRL's IS correction
+            surrogate = surrogate * batch["sampling/importance_ratio"]
         kl = self.kl(out.logps, ref)
         if c.kl_bias_correction:
             kl = kl * ratio
@@ -193,6 +195,8 @@ class GRPOLoss:
             "completion_length": (n_tokens, n_seqs),
             # each reward's own mean (rollout data's reward/<name> fields)
             **{k: (v.float().sum(), n_seqs) for k, v in batch.items() if k.startswith("reward/")},
+            # the sampler/trainer mismatch (rollout data's per-token sampling/<name> fields)
+            **{k: ((v.float() * mask).sum(), n_tokens) for k, v in batch.items() if k.startswith("sampling/")},
         }
         if high is not None:
             metrics["high_entropy_fraction"] = ((high * mask).sum().detach(), n_tokens)
