@@ -66,3 +66,36 @@ def test_peers_word_tokenizer_and_rows() -> None:
         assert 30 <= len(p) + len(c) <= 60 and len(c) == len(r)
         assert sum(a != b for a, b in zip(c, r)) == 1
         assert tok.unk_token_id not in p + c + r
+
+
+GRPO_TINY = ["--method", "grpo", "--steps", "2", "--warmup", "1", "--repeats", "1", "--hidden", "32", "--layers", "1",
+             "--prompts", "2", "--num-generations", "2", "--max-new-tokens", "4", "--max-length", "16", "--threads", "1"]
+
+
+def test_peers_grpo_addition_reward() -> None:
+    """The reward both sides call: half for digits, half for the sum's digits in place, in [0, 1]."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from grpo import addition_reward
+
+    assert addition_reward(["23+34="] * 5, ["57", "58", "5a", "", " 57 "]) == [1.0, 0.75, 0.5, 0.0, 1.0]
+
+
+@pytest.mark.slow  # two fresh processes importing TRL and transformers: about a minute on loaded cores
+def test_peers_grpo_tiny(tmp_path: Path) -> None:
+    """aligntk's grpo and TRL's GRPOTrainer run side by side; both reward curves are finite and in [0, 1]."""
+    done = subprocess.run([sys.executable, str(SCRIPT), *GRPO_TINY, "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    for name in ("results.md", "results.json", "reward_curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["method"] == "grpo" and summary["completions_per_step"] == 4
+    for key in ("sampled_tokens_per_s", "trained_tokens_per_s", "s_per_step", "peak_memory"):
+        stats = summary["ratios"][key]
+        assert set(stats) == {"min", "median", "max"} and all(v > 0 for v in stats.values()), (key, stats)
+    for fw in ("aligntk", "trl"):
+        (curve,) = summary["rewards"][fw]
+        assert len(curve) == 2 and all(0.0 <= r <= 1.0 for r in curve), (fw, curve)  # NaN fails both
+        assert all(n > 0 for n in summary["sampled_tokens"][fw][0] + summary["trained_tokens"][fw][0])
+    assert summary["rewards_in_unit_interval"] is True
+    assert "GRPOTrainer" in (tmp_path / "results.md").read_text()

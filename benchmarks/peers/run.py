@@ -9,6 +9,9 @@ Each run is a fresh subprocess; the two alternate ``--repeats`` times (the first
 alternates too).
 
 * ``--method sft``: cross-entropy on completion tokens (TRL ``completion_only_loss``).
+* ``--method grpo``: aligntk's ``grpo`` loss on ``rollout`` data against TRL's ``GRPOTrainer``
+  (``grpo.py``): the same prompts, reward function, group size, completion length, beta,
+  update and steps, sampling with transformers' ``generate`` on both sides.
 * ``--method dpo``: sigmoid DPO with ``--beta`` on preference pairs (aligntk ``dpo`` loss on
   ``preference`` data). ``--reference`` picks what each side does about the frozen
   reference: ``default`` (each framework's default: aligntk caches reference log-probs
@@ -23,6 +26,7 @@ counts for both); peak memory = ``torch.cuda.max_memory_allocated`` on CUDA, the
 
     python benchmarks/peers/run.py --steps 20 --repeats 3
     python benchmarks/peers/run.py --method dpo --repeats 3 --out benchmarks/peers/results/dpo
+    python benchmarks/peers/run.py --method grpo --repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ REFERENCE = {"default": ("cached", False), "cached": ("cached", True), "live": (
 #: --checkpointing: (aligntk's ``train.gradient_checkpointing``, TRL's ``gradient_checkpointing``);
 #: TRL 1.16's SFTConfig and DPOConfig turn it on by default, aligntk leaves it off.
 CHECKPOINTING = {"default": (False, True), "off": (False, False), "on": (True, True)}
+#: --beta when not given, per method
+BETA = {"sft": None, "dpo": 0.1, "grpo": 0.04}
 
 
 # --------------------------------------------------------------------------------------
@@ -244,10 +250,15 @@ def run_worker(framework: str, spec_path: Path, result_path: Path) -> None:
 
     import torch
 
+    spec = json.loads(spec_path.read_text())
+    if spec["method"] == "grpo":
+        import grpo
+
+        grpo.run_worker(framework, spec, result_path)
+        return
     # Each side's own heavy imports happen before the RSS baseline.
     for module in ("aligntk.engine",) if framework == "aligntk" else ("datasets", "transformers", "trl"):
         importlib.import_module(module)
-    spec = json.loads(spec_path.read_text())
     if spec["device"] == "cpu":
         torch.set_num_threads(spec["threads"])
     else:
@@ -321,12 +332,17 @@ def _plot(path: Path, runs: dict[str, list[dict]], title: str, ylabel: str) -> N
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=("sft", "dpo"), default="sft")
+    parser.add_argument("--method", choices=("sft", "dpo", "grpo"), default="sft")
     parser.add_argument("--reference", choices=tuple(REFERENCE), default="default",
                         help="dpo: default (aligntk cached, TRL live), cached (both precompute) or live (both live)")
     parser.add_argument("--checkpointing", choices=tuple(CHECKPOINTING), default="default",
                         help="gradient checkpointing: default (aligntk off, TRL on: each side's default), off, on")
-    parser.add_argument("--beta", type=float, default=0.1, help="dpo: the KL coefficient")
+    parser.add_argument("--beta", type=float, default=None, help="the KL coefficient (default: 0.1 dpo, 0.04 grpo)")
+    parser.add_argument("--prompts", type=int, default=4, help="grpo: prompts per step")
+    parser.add_argument("--num-generations", type=int, default=8, help="grpo: completions per prompt (the group)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="grpo: longest completion, in tokens")
+    parser.add_argument("--generation", choices=("transformers", "vllm"), default="transformers",
+                        help="grpo: the sampler of both sides (vllm: once aligntk's rollout has one, see grpo.py)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each run")
     parser.add_argument("--repeats", type=int, default=3)
@@ -340,17 +356,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=0,
                         help="0: the 50-token character tokenizer; N: a word-level tokenizer of N tokens")
-    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 for sft, 1e-4 for dpo")
+    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 for sft and grpo, 1e-4 for dpo")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="cpu: torch threads per run (default: all cores)")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler over the timed steps of each run: profile_<framework>.txt")
+    parser.add_argument("--py-spy", action="store_true",
+                        help="grpo: py-spy over the timed steps of each run: pyspy_<framework>.txt (samples by category)")
     parser.add_argument("--liger", action="store_true",
                         help="TRL side with use_liger_kernel=True (needs CUDA and the liger-kernel package)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: benchmarks/peers/results (sft) or results/dpo (dpo)")
+                        help="default: benchmarks/peers/results (sft), results/dpo or results/grpo")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -363,7 +381,7 @@ def _run_all(args: argparse.Namespace, work: Path, spec: dict) -> dict[str, list
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     runs: dict[str, list[dict]] = {fw: [] for fw in FRAMEWORKS}
-    unit = "pairs" if args.method == "dpo" else "rows"
+    unit = {"dpo": "pairs", "grpo": "completions"}.get(args.method, "rows")
     for r in range(args.repeats):
         order = FRAMEWORKS if r % 2 == 0 else FRAMEWORKS[::-1]
         for fw in order:
@@ -378,7 +396,8 @@ def _run_all(args: argparse.Namespace, work: Path, spec: dict) -> dict[str, list
             res = runs[fw][-1]
             print(f"repeat {r + 1} {fw:7s}: {res['tokens_per_s']:8.0f} tok/s ({res['pairs_per_s']:.2f} {unit}/s)  "
                   f"peak memory {res['peak_memory'] / 2**20:6.0f} MiB  "
-                  f"loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}", flush=True)
+                  + (f"reward {res['rewards'][0]:.3f} -> {res['rewards'][-1]:.3f}" if "rewards" in res else
+                     f"loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}"), flush=True)
     if args.profile:
         for fw in FRAMEWORKS:
             (args.out / f"profile_{fw}.txt").write_text((work / f"profile_{fw}.txt").read_text())
@@ -392,6 +411,16 @@ def main() -> None:
         run_worker(args.worker, args.spec, args.result)
         return
     dpo = args.method == "dpo"
+    args.beta = args.beta if args.beta is not None else BETA[args.method]
+    if args.method == "grpo":
+        import grpo
+
+        args.lr = args.lr or 1e-3
+        args.out = args.out or HERE / "results" / "grpo"
+        if not 0 < args.warmup < args.steps:
+            parser.error("--warmup must be at least 1 and below --steps")
+        grpo.main(args, parser)
+        return
     args.rows = args.rows or (args.steps * args.batch_size if dpo else 512)
     args.lr = args.lr or (1e-4 if dpo else 1e-3)
     args.out = args.out or (HERE / "results" / "dpo" if dpo else HERE / "results")
@@ -442,6 +471,7 @@ def write_results(args: argparse.Namespace, parser: argparse.ArgumentParser, sha
     command = ("python benchmarks/peers/run.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
         if k not in hidden_args and v not in (None, False) and v != parser.get_default(k)
+        and not (k == "beta" and v == BETA[args.method])
     )).strip()
     what = "DPO" if dpo else "SFT"
     peer = "DPOTrainer" if dpo else "SFTTrainer"
