@@ -27,10 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: --generation vllm: the ``rollout`` data options that select aligntk's vLLM sampler. ``None`` until
-#: aligntk's rollout has one (being added separately); then TRL's side runs ``use_vllm=True``,
-#: ``vllm_mode="colocate"`` against it with no other change.
-ALIGNTK_VLLM_OPTIONS: dict[str, Any] | None = None
+#: --generation vllm: the ``rollout`` data options that select aligntk's vLLM sampler (colocated,
+#: TRL's truncated importance-sampling correction at its defaults); TRL's side runs
+#: ``use_vllm=True``, ``vllm_mode="colocate"``. Needs a GPU: TRL's weight push fails on vLLM's CPU
+#: backend (``'Parameter' object has no attribute 'weight_loader'``).
+ALIGNTK_VLLM_OPTIONS: dict[str, Any] | None = {"generator": {"name": "vllm"}}
 
 
 # --------------------------------------------------------------------------------------
@@ -455,9 +456,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.generation == "vllm":
         import importlib.util
 
-        if importlib.util.find_spec("vllm") is None or ALIGNTK_VLLM_OPTIONS is None or args.device != "cuda":
-            parser.error("--generation vllm needs --device cuda, vllm installed and aligntk's vLLM rollout "
-                         "(ALIGNTK_VLLM_OPTIONS in benchmarks/peers/grpo.py is still None)")
+        if importlib.util.find_spec("vllm") is None or args.device != "cuda":
+            parser.error("--generation vllm needs --device cuda and vllm installed (pip install -e '.[vllm]')")
     if args.num_generations < 2:
         parser.error("--num-generations must be at least 2 (TRL's GRPOTrainer refuses 1)")
     args.rows = args.rows or args.steps * args.prompts
