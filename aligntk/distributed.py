@@ -70,5 +70,15 @@ def init_distributed(device_name: str, needs_group: bool = False) -> Dist:
 
 
 def shutdown(d: Dist) -> None:
+    """Leave the process group; after a run that finished, every process has passed a barrier first.
+
+    That barrier (``train`` calls it) is what lets a process exit: gloo's worker threads may
+    still be dropping the last collective's tensors, which takes the GIL, and the process
+    group's destructor joins those threads while holding it, wherever the last reference
+    goes (here, or later with a DDP wrapper). A rank that had nothing left to do (rank 1 of a
+    GRPO run with no evaluation split: its last collective was the step's stop-flag broadcast)
+    then hung in ``~ProcessGroupGloo`` forever. Waiting in the barrier, the GIL is free and
+    the workers finish.
+    """
     if (d.enabled or d.solo_group) and dist.is_initialized():
         dist.destroy_process_group()

@@ -209,7 +209,9 @@ def train(
             int(trainer_state.get("skipped_steps", 0)), int(trainer_state.get("skipped_in_a_row", 0))
         )
         trainer.batches.load_state_dict(trainer_state.get("data") or {})
-        return trainer.fit()
+        result = trainer.fit()
+        d.barrier()  # before the process group goes: see distributed.shutdown
+        return result
     finally:
         shutdown(d)
 

@@ -113,12 +113,20 @@ def full_state_dict(model: torch.nn.Module, rank0_only: bool) -> dict[str, torch
 def replica(template: torch.nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
     """A plain module: a copy of ``template`` (a ``skeleton``) holding the weights ``state``."""
     model = copy.deepcopy(template)
-    weights = {k: v.to(device) for k, v in state.items()}
+    weights = {k: _own_storage(v.to(device)) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta or unexpected:
         raise AligntkError(f"gathering the sharded model: missing {still_meta[:3]}, unexpected {unexpected[:3]}")
     return model
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view into a larger buffer (gathered weights can be slices of
+    one all-gather output): safetensors refuses to save a tensor that does not cover its storage."""
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.clone()
+    return t
 
 
 def nonfinite_shards(model: torch.nn.Module) -> list[str]:

@@ -4,7 +4,8 @@ Run one setting under torchrun (gloo):
 
     torchrun --nproc_per_node 2 benchmarks/scale/run.py --mode fsdp --out benchmarks/scale/results
 
-or every setting and the table (``--all``; runs torchrun itself):
+or every setting and the table (``--all``; runs torchrun itself; ``--table`` rebuilds the
+table from ``rows.jsonl``):
 
     python benchmarks/scale/run.py --all --procs 1 2 4
 
@@ -111,17 +112,25 @@ def run_all(args: argparse.Namespace) -> None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
                    "--master_port", "29655", __file__, "--mode", mode, *same]
             subprocess.run(cmd, env=env, check=True)
+    write_table(out, args.procs)
+
+
+def write_table(out: Path, procs_list: list[int]) -> None:
+    """``results.md`` from ``rows.jsonl``: the largest process of each setting, with its ratios."""
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
-    base = {m: max(r["state_mb"] for r in rows if r["mode"] == m and r["procs"] == 1) for m in ("ddp", "fsdp")}
-    lines = ["| mode | processes | state MB / process | ratio to 1 process | peak RSS MB / process | step s |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for procs in args.procs:
+
+    def worst(mode: str, procs: int, key: str) -> float:
+        return max(r[key] for r in rows if r["mode"] == mode and r["procs"] == procs)
+
+    lines = ["| mode | processes | state MB / process | ratio to 1 process | peak RSS MB / process | "
+             "ratio to 1 process | step s | step time / DDP's |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for procs in procs_list:
         for mode in ("ddp", "fsdp"):
-            mine = [r for r in rows if r["mode"] == mode and r["procs"] == procs]
-            state = max(r["state_mb"] for r in mine)
+            state, rss, step = (worst(mode, procs, k) for k in ("state_mb", "peak_rss_mb", "step_s"))
             lines.append(
-                f"| {mode} | {procs} | {state:.0f} | {state / base[mode]:.2f} | "
-                f"{max(r['peak_rss_mb'] for r in mine):.0f} | {max(r['step_s'] for r in mine):.2f} |"
+                f"| {mode} | {procs} | {state:.0f} | {state / worst(mode, 1, 'state_mb'):.2f} | {rss:.0f} | "
+                f"{rss / worst(mode, 1, 'peak_rss_mb'):.2f} | {step:.2f} | {step / worst('ddp', procs, 'step_s'):.2f} |"
             )
     (out / "results.md").write_text(f"{rows[0]['parameters'] / 1e6:.0f}M parameters\n\n" + "\n".join(lines) + "\n")
     print((out / "results.md").read_text())
@@ -131,9 +140,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["ddp", "fsdp"], default="fsdp")
     parser.add_argument("--all", action="store_true", help="every setting, then the table")
+    parser.add_argument("--table", action="store_true", help="only the table, from --out's rows.jsonl")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
@@ -141,7 +151,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run_all(args) if args.all else one_setting(args)
+    if args.table:
+        write_table(Path(args.out), args.procs)
+    elif args.all:
+        run_all(args)
+    else:
+        one_setting(args)
 
 
 if __name__ == "__main__":
