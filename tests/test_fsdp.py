@@ -159,11 +159,8 @@ def test_four_fsdp_processes_match_one_process(sft: dict[str, Path], tmp_path: P
     _same_losses(sft["one"], four)
 
 
-@pytest.mark.slow
-def test_fsdp_dpo_matches_one_process(tmp_path: Path) -> None:
-    from aligntk.testing import write_preference_assets
-
-    recipe = write_preference_assets(tmp_path / "assets")
+def _three_steps_two_processes_match_one(recipe: dict[str, Any], tmp_path: Path) -> None:
+    """3 steps on 2 FSDP2 processes against 1 process accumulating the same global batch."""
     recipe["train"].update(max_steps=3)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -172,6 +169,14 @@ def test_fsdp_dpo_matches_one_process(tmp_path: Path) -> None:
     _aligntk(path, two, FSDP, "train.batch_size=2", procs=2)
     assert _max_diff(one, two) < 1e-5
     _same_losses(one, two)
+
+
+@pytest.mark.slow
+def test_fsdp_dpo_matches_one_process(tmp_path: Path) -> None:
+    from aligntk.testing import write_preference_assets
+
+    recipe = write_preference_assets(tmp_path / "assets")
+    _three_steps_two_processes_match_one(recipe, tmp_path)
 
 
 def _reward_model(folder: Path) -> Path:
@@ -263,14 +268,7 @@ def test_fsdp_reward_model_matches_one_process(tmp_path: Path) -> None:
     recipe = write_preference_assets(tmp_path / "assets")
     recipe["model"].update(task="sequence_classification", num_labels=1)
     recipe["loss"] = {"name": "reward_model"}
-    recipe["train"].update(max_steps=3)
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    one, two = tmp_path / "one", tmp_path / "two"
-    _aligntk(path, one, "train.batch_size=2", "train.grad_accum=2")
-    _aligntk(path, two, FSDP, "train.batch_size=2", procs=2)
-    assert _max_diff(one, two) < 1e-5
-    _same_losses(one, two)
+    _three_steps_two_processes_match_one(recipe, tmp_path)
 
 
 @pytest.mark.slow
@@ -283,14 +281,7 @@ def test_fsdp_weak_to_strong_student_matches_one_process(tmp_path: Path) -> None
     weak = [{"index": i, "probs": [0.3, 0.7] if r["label"] else [0.8, 0.2]} for i, r in enumerate(rows)]
     (tmp_path / "weak_labels.jsonl").write_text("".join(json.dumps(w) + "\n" for w in weak))
     recipe["data"]["soft_labels_path"] = str(tmp_path / "weak_labels.jsonl")
-    recipe["train"].update(max_steps=3)
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    one, two = tmp_path / "one", tmp_path / "two"
-    _aligntk(path, one, "train.batch_size=2", "train.grad_accum=2")
-    _aligntk(path, two, FSDP, "train.batch_size=2", procs=2)
-    assert _max_diff(one, two) < 1e-5
-    _same_losses(one, two)
+    _three_steps_two_processes_match_one(recipe, tmp_path)
 
 
 @pytest.mark.slow
