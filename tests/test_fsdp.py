@@ -172,11 +172,19 @@ def _three_steps_two_processes_match_one(recipe: dict[str, Any], tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_fsdp_dpo_matches_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reference", ["cached", "live"])
+def test_fsdp_dpo_matches_one_process(tmp_path: Path, reference: str) -> None:
     from aligntk.testing import write_preference_assets
 
     recipe = write_preference_assets(tmp_path / "assets")
+    recipe["loss"]["reference"] = reference  # live: the frozen reference runs every step, whole on each process
     _three_steps_two_processes_match_one(recipe, tmp_path)
+
+
+@pytest.mark.slow
+def test_fsdp_packed_sft_matches_one_process(tiny: dict[str, Any], tmp_path: Path) -> None:
+    tiny["data"]["packing"] = True
+    _three_steps_two_processes_match_one(tiny, tmp_path)
 
 
 def _reward_model(folder: Path) -> Path:
