@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -109,15 +110,21 @@ def run(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) 
         raise AligntkError("--resume and --overwrite contradict each other; give one")
     plugins = _plugins()
     result = train(_resolve(recipe, overrides, plugins), plugins, resume=resume, overwrite=overwrite)
-    if not result.is_main:
-        return  # under torchrun, the main process reports
-    click.echo(f"run folder: {result.run_dir}  (model in {result.run_dir / 'model'}; {result.wall_time:.0f} s)")
-    if result.stopped:
-        click.echo(f"stopped early at step {result.steps}: {result.stopped}")
-    for key, after in result.last_eval.items():
-        before = result.first_eval.get(key)
-        shown = f"{before:.4f} -> {after:.4f}" if before is not None else f"{after:.4f}"
-        click.echo(f"{key}: {shown}")
+    if result.is_main:  # under torchrun, the main process reports
+        click.echo(f"run folder: {result.run_dir}  (model in {result.run_dir / 'model'}; {result.wall_time:.0f} s)")
+        if result.stopped:
+            click.echo(f"stopped early at step {result.steps}: {result.stopped}")
+        for key, after in result.last_eval.items():
+            before = result.first_eval.get(key)
+            shown = f"{before:.4f} -> {after:.4f}" if before is not None else f"{after:.4f}"
+            click.echo(f"{key}: {shown}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is written. Leave without running destructors: freeing the process
+        # group can deadlock in gloo's teardown (distributed.shutdown), and a rank that
+        # never exits hangs torchrun.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()

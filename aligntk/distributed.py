@@ -78,7 +78,10 @@ def shutdown(d: Dist) -> None:
     goes (here, or later with a DDP wrapper). A rank that had nothing left to do (rank 1 of a
     GRPO run with no evaluation split: its last collective was the step's stop-flag broadcast)
     then hung in ``~ProcessGroupGloo`` forever. Waiting in the barrier, the GIL is free and
-    the workers finish.
+    the workers finish. The barrier alone was not enough (a 2-process DDP SFT run still hung
+    once in CI, after rank 0 had reported), so the engine also keeps a finished run's trainer
+    (and so its wrappers and process group) alive, and ``aligntk run`` leaves a multi-process
+    run with ``os._exit(0)`` after flushing its output: no destructor runs.
     """
     if (d.enabled or d.solo_group) and dist.is_initialized():
         dist.destroy_process_group()

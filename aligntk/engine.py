@@ -211,9 +211,17 @@ def train(
         trainer.batches.load_state_dict(trainer_state.get("data") or {})
         result = trainer.fit()
         d.barrier()  # before the process group goes: see distributed.shutdown
+        if d.enabled:  # freed at exit, never here: see distributed.shutdown
+            _FINISHED.append(trainer)
         return result
     finally:
         shutdown(d)
+
+
+#: Trainers of finished multi-process runs, kept until the process exits (``aligntk run``
+#: leaves with ``os._exit``): freeing one frees its DDP/FSDP wrappers and with them gloo's
+#: process group, whose destructor can deadlock with gloo's worker threads over the GIL.
+_FINISHED: list[_Trainer] = []
 
 
 def _load_models(
