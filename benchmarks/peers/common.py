@@ -163,3 +163,19 @@ def sync(device: str) -> None:
         import torch
 
         torch.cuda.synchronize()
+
+
+def trl_callback(clock: Any, on_log: Callable[[dict], None]) -> Any:
+    """A TRL ``TrainerCallback`` that ticks ``clock`` after every optimizer step and hands each
+    logged record (``logs``) to ``on_log``: the TRL side of every peers worker."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            clock.tick()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs:
+                on_log(logs)
+
+    return Timer()

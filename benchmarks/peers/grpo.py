@@ -264,20 +264,17 @@ def worker_aligntk(spec: dict, out: Path, clock: Any) -> dict:
 
 def worker_trl(spec: dict, out: Path, clock: Any) -> dict:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from common import trl_callback
     from run import CHECKPOINTING
 
     records: list[dict] = []
 
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            clock.tick()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-            if logs and "reward" in logs:
-                records.append(dict(logs))
+    def keep_record(logs: dict) -> None:
+        if "reward" in logs:
+            records.append(dict(logs))
 
     clock.start = time.perf_counter()
     work = Path(spec["work"])
@@ -324,7 +321,7 @@ def worker_trl(spec: dict, out: Path, clock: Any) -> dict:
         **vllm,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=addition_reward, args=config, train_dataset=data,
-                          processing_class=tokenizer, callbacks=[Timer()])
+                          processing_class=tokenizer, callbacks=[trl_callback(clock, keep_record)])
     trainer.train()
     previous, trained = 0.0, []
     for record in records:  # num_tokens is the running count of prompt + completion tokens

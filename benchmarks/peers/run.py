@@ -44,7 +44,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import build_tokenizer, device_name, encode, llama_config, make_rows, peak_rss, rss_now, sync  # noqa: E402
+from common import (  # noqa: E402
+    build_tokenizer, device_name, encode, llama_config, make_rows, peak_rss, rss_now, sync, trl_callback,
+)
 
 FRAMEWORKS = ("aligntk", "trl")
 #: --reference: (aligntk's dpo ``reference`` option, TRL's ``precompute_ref_log_probs``)
@@ -168,17 +170,15 @@ def worker_aligntk(spec: dict, out: Path, clock: StepClock) -> dict:
 
 def worker_trl(spec: dict, out: Path, clock: StepClock) -> dict:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     losses: list[float] = []
 
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            clock.tick()
+    def keep_loss(logs: dict) -> None:
+        if "loss" in logs:
+            losses.append(float(logs["loss"]))
 
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+    timer = trl_callback(clock, keep_loss)
 
     clock.start = time.perf_counter()
     work = Path(spec["work"])
@@ -227,13 +227,13 @@ def worker_trl(spec: dict, out: Path, clock: StepClock) -> dict:
         config = DPOConfig(**common, beta=spec["beta"], loss_type=["sigmoid"],
                            precompute_ref_log_probs=REFERENCE[spec["reference"]][1])
         trainer = PreTokenizedDPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                                         callbacks=[Timer()])
+                                         callbacks=[timer])
     else:
         from trl import SFTConfig, SFTTrainer
 
         config = SFTConfig(**common, completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[Timer()])
+                             callbacks=[timer])
     trainer.train()
     return {"losses": losses, "tokens": spec["step_tokens"]}
 
