@@ -25,6 +25,7 @@ from .metrics import available_metrics, load_metric
 from .parts import Part, part
 from .plugins import Plugins, hookimpl, load_plugins
 from .recipe import ComponentSpec, LocalFile, LocalPath, format_errors, read_recipe, validate_recipe
+from .seeds import sample_seed
 from .sequences import IGNORE_INDEX, Truncation, has_targets, left_pad, pad, pad_tokens, truncation_cut
 from .types import (
     Batch,
@@ -39,6 +40,7 @@ from .types import (
     Example,
     LossCapabilities,
     LossComponent,
+    LossContext,
     LossOutput,
     Models,
     RewardComponent,
@@ -109,6 +111,7 @@ __all__ = [
     "Example",
     "LossCapabilities",
     "LossComponent",
+    "LossContext",
     "LossOutput",
     "Models",
     "RewardComponent",
@@ -152,6 +155,8 @@ __all__ = [
     "unwrap",
     # Generated answers: the choice a text names (rewards and evaluators grade by one rule).
     "named_choice",
+    # Sampling: seeds that depend on the run, the rollout and the prompt (not on batches or processes).
+    "sample_seed",
     # Divergences between next-token distributions (distillation: w2s, GKD).
     "Divergence",
     "kl_divergence",

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import AligntkError
 from .precision import Precision
+from .seeds import sample_seed
 from .types import Batch, DataCapabilities, DataSplits, Example, LossCapabilities, LossComponent, Models
 
 log = logging.getLogger("aligntk")
@@ -166,6 +167,11 @@ class StaticBatches:
 class OnlineBatches:
     """Micro-batches sampled from the current policy by the data component's ``rollout``.
 
+    Each example handed to ``rollout`` carries ``sample_seed`` (``aligntk.sample_seed`` of
+    the run's seed, the rollout block and the example's index): a generator that draws each
+    completion from it samples the same completions on any number of processes and with any
+    micro-batch size, and a resumed run samples what the uninterrupted one did.
+
     With ``iterations = k`` it samples once every ``k`` steps and trains ``k`` optimizer
     steps on the same rollouts: their old log-probs are from sampling time, so the clipped
     ratio is right on every step. Frozen models stay loaded: a rollout may call any of them.
@@ -188,9 +194,14 @@ class OnlineBatches:
         block = (step - 1) // self.iterations
         if self._block is not None and self._block[0] == block:
             return self._block[1]
-        train = self.splits.train
+        train, seed = self.splits.train, self.layout.seed
         batches = [
-            to_device(self.data.collate(self._rollout(models, [train[i] for i in chunk])), self.layout.device)
+            to_device(
+                self.data.collate(
+                    self._rollout(models, [{**train[i], "sample_seed": sample_seed(seed, block, i)} for i in chunk])
+                ),
+                self.layout.device,
+            )
             for chunk in self.layout.my_micro_batches(block, len(train))
         ]
         self._block = (block, batches)

@@ -190,6 +190,17 @@ class DataContext:
     reward_names: list[str] = field(default_factory=list)
 
 
+@dataclass
+class LossContext:
+    """What the engine hands a loss that declares ``setup`` (``LossCapabilities.setup``)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    seed: int
+    #: The data component's examples (train and eval), as its ``collate`` gets them.
+    splits: DataSplits
+    device: torch.device
+
+
 # --------------------------------------------------------------------------------------
 # Capabilities: what a component needs and provides beyond the protocol's members,
 # declared in one typed place per kind and read once, when the recipe is validated.
@@ -209,7 +220,8 @@ class DataCapabilities:
         online: the component samples from the current policy: it defines
             ``rollout(models, examples) -> examples``, which the engine calls for each
             training micro-batch before ``collate`` (eval mode, no grad), and has no fixed
-            evaluation loss.
+            evaluation loss. Each example it gets has an int ``sample_seed`` to sample from,
+            a function of the run's seed, the rollout and the example only.
         iterations: online data only: optimizer steps on each batch of rollouts before
             sampling again; the batches are checkpointed, so a resume inside a block is exact.
     """
@@ -238,6 +250,9 @@ class LossCapabilities:
             the batch); the engine refuses ``train.grad_accum > 1`` and several processes.
         scheduled: the loss defines ``start_step(step, max_steps)``, called before each
             optimizer step (``step`` from 1), for a value that follows the schedule.
+        setup: the loss defines ``setup(ctx: LossContext)``, called once on every process
+            after the data is loaded and before anything is precomputed or trained (also on
+            resume), for what it fits on the training examples (BCO's UDM classifier).
     """
 
     precompute: bool = False
@@ -245,6 +260,7 @@ class LossCapabilities:
     heads: bool = False
     whole_batch: bool = False
     scheduled: bool = False
+    setup: bool = False
 
 
 @dataclass(frozen=True)

@@ -178,8 +178,10 @@ def test_several_optimizer_steps_per_rollout_batch(tiny: dict[str, Any]) -> None
     for a, b in ((0, 1), (1, 2), (3, 4), (4, 5)):
         assert records[a]["reward"] == records[b]["reward"]
         assert records[a]["completion_length"] == records[b]["completion_length"]
-    assert records[0]["clip_fraction"] == 0.0  # ratio 1 on the first step of a block
-    assert records[1]["clip_fraction"] > 0.0 or records[2]["clip_fraction"] > 0.0  # the policy moved off them
+    assert records[0]["clip_fraction"] == records[3]["clip_fraction"] == 0.0  # ratio 1 on a block's first step
+    # The policy moved off them within a block. (In the first block every reward is 1 and the
+    # value head starts at 0, so the whitened advantages can all be 0: no step, no clipping.)
+    assert any(records[i]["clip_fraction"] > 0.0 for i in (1, 2, 4, 5))
 
 
 def _full_and_resumed(recipe: dict[str, Any], tmp_path: Path) -> tuple[Any, Any]:

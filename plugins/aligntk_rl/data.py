@@ -30,7 +30,7 @@ from aligntk import (
     unwrap,
 )
 
-from .generators import pad_logps, sampling_correction
+from .generators import completion_seeds, pad_logps, sampling_correction
 from .loss import policy_forward
 from .protocols import Scored
 
@@ -110,7 +110,7 @@ class RolloutData:
         device = next(policy.parameters()).device
         g = c.num_generations
         group = [e for e in examples for _ in range(g)]
-        samples = self.generator.sample(policy, tok, [e["prompt_ids"] for e in group], c)
+        samples = self.generator.sample(policy, tok, [e["prompt_ids"] for e in group], c, seeds=completion_seeds(examples, g))
         completions = samples.completions
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         rewards = torch.zeros(len(group))

@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 import torch
 from pydantic import Field, PositiveInt
 
-from aligntk import ComponentConfig, DataError, left_pad, unwrap
+from aligntk import ComponentConfig, DataError, Example, left_pad, sample_seed, unwrap
 
 # --------------------------------------------------------------------------------------
 # The protocol
@@ -60,13 +60,19 @@ class Generator(Protocol):
 
     ``sampling`` is the data component's config: ``temperature``, ``top_p`` and
     ``max_new_tokens``. ``model`` is the plain module (``aligntk.unwrap``); a generator
-    may keep state between calls (an engine, the weights it last saw).
+    may keep state between calls (an engine, the weights it last saw). ``seeds`` has one
+    seed per prompt: its completion is drawn from a stream of its own, so it does not
+    depend on the other prompts of the call (how many, which) and rollouts are the same on
+    any number of processes; ``None``: seeds drawn from torch's generator (the run's).
     """
 
     #: The correction of the sampler/trainer mismatch to apply, or ``None`` (see ``sampling_correction``).
     correction: Correction | None
 
-    def sample(self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], sampling: Any) -> Samples: ...
+    def sample(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], sampling: Any,
+        seeds: Sequence[int] | None = None,
+    ) -> Samples: ...
 
 
 Mode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
@@ -121,7 +127,14 @@ class HFConfig(ComponentConfig):
 
 
 class HFGenerator:
-    """The policy's transformers ``generate``, left-padded, one batch per call."""
+    """The policy's transformers ``generate``, left-padded, one batch per call, each row from its own seed.
+
+    It samples from the model's distribution with ``temperature`` and ``top_p`` and nothing
+    else (no top-k; the model's ``generation_config`` is not read), as the ``vllm``
+    generator does: ``generate`` decodes greedily through ``SeededDraw``, which adds each
+    row's own Gumbel noise to the tempered, top-p-filtered logits, and the largest of them
+    is a sample of that distribution (the Gumbel-max trick).
+    """
 
     Config = HFConfig
     correction = None
@@ -129,23 +142,73 @@ class HFGenerator:
     def __init__(self, config: HFConfig):
         self.config = config
 
-    def sample(self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], sampling: Any) -> Samples:
+    def sample(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], sampling: Any,
+        seeds: Sequence[int] | None = None,
+    ) -> Samples:
+        from transformers import GenerationConfig, LogitsProcessorList
+
         device = next(model.parameters()).device
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-        generated = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
+        draw = SeededDraw(_seeds(seeds, len(prompts)), sampling.temperature, sampling.top_p)
+        config = GenerationConfig(
+            do_sample=False,  # the sampling is SeededDraw's
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+        )
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([draw]),
             # A sharded model gathers its weights in every forward, a collective: each process
             # must run as many decoding steps as the slowest, or the others wait forever.
             synced_gpus=_is_sharded(model),
         )[:, ids.size(1) :].tolist()
         return Samples([until_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id) for row in generated])
+
+
+class SeededDraw:
+    """A logits processor that turns greedy decoding into sampling, row ``i`` from ``seeds[i]``.
+
+    Each step divides the logits by ``temperature``, keeps the top-``top_p`` nucleus
+    (transformers' ``TopPLogitsWarper``) and adds Gumbel noise drawn from row ``i``'s own
+    generator: the argmax is then distributed as the tempered, filtered softmax. The
+    ``t``-th token of a row uses its generator's ``t``-th draw, whatever the other rows are.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        from transformers import TopPLogitsWarper
+
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        vocab = scores.size(-1)
+        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300)))
+        return scores + gumbel.to(scores.device, scores.dtype)
+
+
+def completion_seeds(examples: Sequence[Example], n: int) -> list[int] | None:
+    """The seeds of each example's ``n`` completions, from its ``sample_seed`` (the engine's); ``None`` if one has none."""
+    if any("sample_seed" not in e for e in examples):
+        return None
+    return [sample_seed(e["sample_seed"], j) for e in examples for j in range(n)]
+
+
+def _seeds(seeds: Sequence[int] | None, n: int) -> list[int]:
+    """``seeds`` checked against the prompt count, or ``n`` drawn from torch's generator (the run's, checkpointed)."""
+    if seeds is None:
+        return torch.randint(0, 2**63 - 1, (n,)).tolist()
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    return [int(s) for s in seeds]
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
@@ -214,7 +277,10 @@ class VLLMGenerator:
         self._folder: tempfile.TemporaryDirectory[str] | None = None
         self._pushed: tuple[int, tuple[int, ...]] | None = None  # (id of the model, its parameters' versions)
 
-    def sample(self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], sampling: Any) -> Samples:
+    def sample(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], sampling: Any,
+        seeds: Sequence[int] | None = None,
+    ) -> Samples:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -223,10 +289,9 @@ class VLLMGenerator:
             self._start(model, tokenizer)
         self.push(model)
         eos = tokenizer.eos_token_id
-        # One seed per request, drawn from torch's generator (the engine's, checkpointed with
-        # the run): the samples are a function of the weights and the step, so a resumed run
-        # samples what the uninterrupted one did.
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        # One seed per request (vLLM keeps a generator per seeded request): the samples are a
+        # function of the weights and the seeds, so a resumed run samples what the
+        # uninterrupted one did, and each prompt's the same on any number of processes.
         params = [
             SamplingParams(
                 n=1,
@@ -238,7 +303,7 @@ class VLLMGenerator:
                 stop_token_ids=[eos] if eos is not None else None,
                 detokenize=False,
             )
-            for seed in seeds
+            for seed in _seeds(seeds, len(prompts))
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         completions, logps = [], []

@@ -48,7 +48,7 @@ from aligntk import (
     unwrap,
 )
 
-from .generators import Generator, HFGenerator
+from .generators import Generator, HFGenerator, completion_seeds
 
 # --------------------------------------------------------------------------------------
 # The divergence
@@ -227,7 +227,8 @@ class GKDData:
 
     def _sample(self, generator: Generator, model: torch.nn.Module, examples: Sequence[Example]) -> list[list[int]]:
         prompts = [e["prompt_ids"] for e in examples]
-        return generator.sample(unwrap(model), self.tokenizer, prompts, self.config).completions
+        seeds = completion_seeds(examples, 1)
+        return generator.sample(unwrap(model), self.tokenizer, prompts, self.config, seeds=seeds).completions
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         """``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (right-padded) and ``on_policy`` ``[B]`` bool."""
