@@ -48,7 +48,17 @@ from .plugins import Plugins
 from .precision import Precision
 from .recipe import ResolvedRecipe
 from .rundir import check_run_dir, check_same_recipe, drop_metrics_after, record_written, start_run_dir
-from .types import Batch, DataContext, DataSplits, Example, LossCapabilities, LossComponent, Models, RunInfo
+from .types import (
+    Batch,
+    DataContext,
+    DataSplits,
+    Example,
+    LossCapabilities,
+    LossComponent,
+    LossContext,
+    Models,
+    RunInfo,
+)
 
 __all__ = ["RunResult", "global_batch_indices", "train"]
 
@@ -117,6 +127,10 @@ def train(
 
         update = resolved.update.build()
         losses = [c.build() for c in resolved.losses]
+        loss_ctx = LossContext(tokenizer=tokenizer, seed=recipe.seed, splits=splits, device=d.device)
+        for spec_, loss in zip(resolved.losses, losses):
+            if spec_.capabilities.setup:  # what a loss fits on the data (BCO's UDM classifier)
+                loss.setup(loss_ctx)
         policy = update.prepare(policy)
         if recipe.model.save_merged and not _mergeable(policy):
             raise AligntkError(

@@ -5,23 +5,27 @@ Both count examples (one prompt with one completion, desirable or not). Each has
 over the batch: KTO's KL reference point is the mean over the batch's mismatched pairs, and
 BCO's reward shift is a running mean that every training batch updates. So both take the whole
 batch in one micro-batch (``whole_batch``: ``train.grad_accum: 1``, one process), which makes
-them equal to TRL's value for the same batch.
+them equal to TRL's value for the same batch. BCO's optional underlying-distribution matching
+(``udm``) weights the undesirable rows by a density ratio of their prompts (``aligntk_po.udm``).
 
 The tensor math is in the pure functions ``kto_loss``, ``bco_loss`` and ``running_mean_update``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from aligntk import Batch, LossCapabilities, LossOutput, Models, token_logps
+from aligntk import IGNORE_INDEX, Batch, Example, LossCapabilities, LossContext, LossOutput, Models, RecipeError, token_logps
 
 from .loss import ChunkedConfig
 from .losses import up
+from .udm import KEY as UDM_KEY
+from .udm import DensityRatio, PromptEmbedder, UDMConfig
 from .unpaired import UNPAIRED_FIELDS
 
 KTOLossType = Literal["kto", "apo_zero_unpaired"]
@@ -109,22 +113,26 @@ def bco_loss(
     desirable: torch.Tensor,
     delta: torch.Tensor | float,
     beta: float,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example BCO loss (Jung et al. 2024, https://arxiv.org/abs/2404.04656, eq. 8), as TRL's
     ``BCOTrainer.bco_loss``: a binary classifier on the implicit reward ``r = β u`` shifted by
-    ``δ``: desirable ``-log σ(r - δ)``, undesirable ``-log σ(-(r - δ))``.
+    ``δ``: desirable ``-log σ(r - δ)``, undesirable ``-log σ(-(r - δ))``, each times its UDM
+    weight when there is one (TRL gives the desirable rows weight 1).
 
     Args:
         policy_logps, ref_logps: ``[B]`` sequence log-probs of each completion.
         desirable: ``[B]`` bool, the label.
         delta: the reward shift, the running mean of the rewards (``running_mean_update``).
         beta: the KL coefficient.
+        weight: ``[B]`` per-example weights (UDM's density ratios, ``aligntk_po.udm``), or ``None``.
 
     Returns:
         ``[B]`` per-example losses, in the input order.
     """
     r = beta * (up(policy_logps) - up(ref_logps))
-    return torch.where(desirable, -F.logsigmoid(r - delta), -F.logsigmoid(-(r - delta)))
+    losses = torch.where(desirable, -F.logsigmoid(r - delta), -F.logsigmoid(-(r - delta)))
+    return losses if weight is None else losses * weight.to(losses.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -272,7 +280,20 @@ class RunningMean(torch.nn.Module):
 
 class BCOConfig(UnpairedConfig):
     """Options of the ``bco`` loss (TRL's ``BCOConfig`` defaults: ``beta`` 0.1; with ``reference``,
-    ``chunk_size``). The underlying-distribution matching (UDM) of TRL's BCO is not built."""
+    ``chunk_size``).
+
+    Attributes:
+        udm: underlying-distribution matching (off by default): each undesirable row's loss is
+            weighted by the density ratio ``p_D(x) / p_U(x)`` of its prompt, estimated once per
+            example (before training, cached with the reference log-probs) by scikit-learn's
+            ``LogisticRegression`` on prompt embeddings, as TRL's ``BCOTrainer`` with an
+            ``embedding_func``; desirable rows keep weight 1. The embedding is the mean of an
+            encoder's last hidden state over the prompt's tokens: ``{embedding_model: FOLDER,
+            prompt_sample_size: 1024, min_density_ratio: 0.5, max_density_ratio: 10.0,
+            batch_size: 32}`` (see ``aligntk_po.udm.UDMConfig``; needs ``aligntk[bco-udm]``).
+    """
+
+    udm: UDMConfig | None = None
 
 
 class BCOLoss(_Unpaired):
@@ -284,15 +305,63 @@ class BCOLoss(_Unpaired):
     def capabilities(cls, config: BCOConfig) -> LossCapabilities:
         cached = config.reference == "cached"
         return LossCapabilities(
-            precompute=cached, live_roles=("policy",) if cached else None, whole_batch=True, heads=True
+            precompute=cached or config.udm is not None,
+            live_roles=("policy",) if cached else None,
+            whole_batch=True,
+            heads=True,
+            setup=config.udm is not None,
         )
 
     def __init__(self, config: BCOConfig):
         self.config = config
         self.running = RunningMean()
+        self.udm: DensityRatio | None = None
+        self._tokenizer: Any = None
 
     def heads(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         return {"bco_running_mean": self.running}
+
+    def setup(self, ctx: LossContext) -> None:
+        """Fit UDM's classifier on the training prompts, before ``precompute`` (the engine calls it with ``udm``).
+
+        The prompts are the examples' ``prompt_ids`` decoded with the run's tokenizer (special
+        tokens skipped), then embedded by ``udm.embedding_model``.
+
+        Raises:
+            RecipeError: the embedding model cannot be loaded, or scikit-learn is missing.
+            DataError: the training data has no desirable or no undesirable row.
+        """
+        c = self.config.udm
+        if c is None:
+            return
+        self._tokenizer = ctx.tokenizer
+        self.udm = DensityRatio(c, PromptEmbedder(c.embedding_model, c.batch_size))
+        train = ctx.splits.train
+        prompts = [self._decode(e["prompt_ids"]) for e in train]
+        self.udm.fit(prompts, [bool(e["label"]) for e in train], ctx.seed)
+
+    def precompute(self, models: Models, batch: Batch) -> dict[str, torch.Tensor]:
+        fields = super().precompute(models, batch) if self.config.reference == "cached" else {}
+        if self.config.udm is not None:
+            fields["udm_weight"] = self._udm_weight(batch)
+        return fields
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _udm_weight(self, batch: Batch) -> torch.Tensor:
+        """``[B]`` UDM weights of the batch's rows, from their prompts (the unlabelled, unpadded tokens)."""
+        if self.udm is None:
+            raise RecipeError(
+                f"{UDM_KEY}: the density-ratio classifier is not fit: call the loss's setup(LossContext) "
+                "first (the engine does, before precompute)"
+            )
+        prompt = (batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()
+        prompts = [self._decode(row[keep].tolist()) for row, keep in zip(batch["input_ids"], prompt)]
+        device = batch["input_ids"].device
+        with torch.autocast(device.type, enabled=False):  # the same embeddings as when fitting
+            self.udm.embed.model.to(device)
+            return self.udm.weights(prompts, batch["label"]).to(device)
 
     def __call__(self, models: Models, batch: Batch) -> LossOutput:
         c = self.config
@@ -304,7 +373,13 @@ class BCOLoss(_Unpaired):
             running.update(rewards)
         delta = running.mean.to(rewards.dtype)
         desirable = batch["label"].bool()
-        losses = bco_loss(policy, ref, desirable, delta, c.beta)
+        weight = None
+        if c.udm is not None:
+            weight = batch["udm_weight"] if "udm_weight" in batch else self._udm_weight(batch)
+        losses = bco_loss(policy, ref, desirable, delta, c.beta, weight)
         metrics = _unpaired_metrics(rewards, desirable)
         metrics["delta"] = delta.detach() * desirable.numel()
+        if weight is not None:  # the weighted (undesirable) rows' mean weight
+            undesirable = (~desirable).float()
+            metrics["udm_weight"] = ((weight.detach().float() * undesirable).sum(), undesirable.sum())
         return LossOutput(sum=losses.sum(), count=_examples(batch), metrics=metrics)
