@@ -159,8 +159,8 @@ def test_four_fsdp_processes_match_one_process(sft: dict[str, Path], tmp_path: P
     _same_losses(sft["one"], four)
 
 
-def _three_steps_two_processes_match_one(recipe: dict[str, Any], tmp_path: Path) -> None:
-    """3 steps on 2 FSDP2 processes against 1 process accumulating the same global batch."""
+def _three_steps_two_processes_match_one(recipe: dict[str, Any], tmp_path: Path, four: bool = False) -> None:
+    """3 steps on 2 (and 4) FSDP2 processes against 1 process accumulating the same global batch."""
     recipe["train"].update(max_steps=3)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -169,6 +169,10 @@ def _three_steps_two_processes_match_one(recipe: dict[str, Any], tmp_path: Path)
     _aligntk(path, two, FSDP, "train.batch_size=2", procs=2)
     assert _max_diff(one, two) < 1e-5
     _same_losses(one, two)
+    if four:
+        _aligntk(path, tmp_path / "four", FSDP, "train.batch_size=1", procs=4)
+        assert _max_diff(one, tmp_path / "four") < 1e-5
+        _same_losses(one, tmp_path / "four")
 
 
 @pytest.mark.slow
@@ -178,7 +182,7 @@ def test_fsdp_dpo_matches_one_process(tmp_path: Path, reference: str) -> None:
 
     recipe = write_preference_assets(tmp_path / "assets")
     recipe["loss"]["reference"] = reference  # live: the frozen reference runs every step, whole on each process
-    _three_steps_two_processes_match_one(recipe, tmp_path)
+    _three_steps_two_processes_match_one(recipe, tmp_path, four=reference == "cached")
 
 
 @pytest.mark.slow
