@@ -183,3 +183,125 @@ def test_yaml_spec_paths_are_relative_to_it_and_unknown_keys_are_errors(assets: 
     spec.write_text("data: x.jsonl\nscore: perplexity\nkeep_topp: 2\n")
     code, out = _select(spec, "--out", tmp_path / "o2")
     assert code == 1 and "keep_topp: unknown key, did you mean 'keep_top'?" in out and len(out.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------
+# Classification rows: confidence, label loss, learnability between two classifiers
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny random BERT classifiers (3 classes, different seeds) and text rows with hard, soft and CSV-style labels."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("select_cls")
+    tok = char_tokenizer("abcdefgh ")
+    out: dict[str, Path] = {}
+    for name, seed in (("weak", 0), ("strong", 1)):
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=32, num_labels=3,
+                            pad_token_id=tok.pad_token_id)  # fmt: skip
+        BertForSequenceClassification(config).save_pretrained(folder / name)
+        tok.save_pretrained(folder / name)
+        out[name] = folder / name
+    rows = [{"text": "ab", "label": 2}, {"text": "hgfed cba", "label": [0.25, 0.7, 0.05]}, {"text": "c", "label": "0"},
+            {"text": "bad cafe", "label": [0.0, 0.0, 1.0]}, {"text": "ggg", "label": 1}]  # fmt: skip
+    out["data"] = folder / "rows.jsonl"
+    out["data"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def _hand_probs(model_dir: Path, text: str) -> torch.Tensor:
+    """softmax of the classifier's logits on one unpadded text, ``[C]``."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=True)["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0].float().softmax(-1)
+
+
+def _target(label: object) -> list[float]:
+    return label if isinstance(label, list) else [float(c == int(label)) for c in range(3)]  # type: ignore[arg-type]
+
+
+def test_confidence_and_label_loss_equal_softmax_by_hand(classifiers: dict[str, Path], tmp_path: Path) -> None:
+    model, rows = classifiers["weak"], _rows(classifiers["data"])
+    for score in ("confidence", "loss"):
+        for bs in (1, 2):  # padded batches give the unpadded values
+            code, out = _select("--data", classifiers["data"], "--model", model, "--score", score, "--keep-top", 2,
+                                "--batch-size", bs, "--out", tmp_path / f"{score}{bs}")  # fmt: skip
+            assert code == 0, out
+    for i, row in enumerate(rows):
+        p = _hand_probs(model, row["text"])
+        y = torch.tensor(_target(row["label"]))
+        loss = -(y[y > 0] * p[y > 0].log()).sum().item()
+        for bs in (1, 2):
+            assert _rows(tmp_path / f"confidence{bs}" / "scores.jsonl")[i]["score"] == pytest.approx(p.max().item(), abs=1e-6)
+            assert _rows(tmp_path / f"loss{bs}" / "scores.jsonl")[i]["score"] == pytest.approx(loss, abs=1e-5)
+    report = json.loads((tmp_path / "confidence1" / "report.json").read_text())
+    assert report["task"] == "sequence_classification" and report["kept"] == 2
+
+
+def test_confidence_needs_no_label_and_keeps_the_surest_rows(classifiers: dict[str, Path], tmp_path: Path) -> None:
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"sentence": t}) + "\n" for t in ("ab", "hgfed", "c", "bad")))
+    code, out = _select("--data", data, "--model", classifiers["strong"], "--score", "confidence", "--text-key", "sentence",
+                        "--keep-fraction", 0.5, "--out", tmp_path / "o")  # fmt: skip
+    assert code == 0, out
+    scores = _rows(tmp_path / "o" / "scores.jsonl")
+    hand = [_hand_probs(classifiers["strong"], t).max().item() for t in ("ab", "hgfed", "c", "bad")]
+    assert [s["score"] for s in scores] == pytest.approx(hand, abs=1e-6)
+    top2 = sorted(range(4), key=lambda i: -hand[i])[:2]
+    assert [s["kept"] for s in scores] == [i in top2 for i in range(4)]
+
+
+def test_classifier_learnability_is_weak_label_loss_minus_strong(classifiers: dict[str, Path], tmp_path: Path) -> None:
+    code, out = _select("--data", classifiers["data"], "--weak", classifiers["weak"], "--strong", classifiers["strong"],
+                        "--task", "sequence_classification", "--score", "learnability", "--keep-top", 2,
+                        "--out", tmp_path / "l")  # fmt: skip
+    assert code == 0, out
+    for name in ("weak", "strong"):
+        code, out = _select("--data", classifiers["data"], "--model", classifiers[name], "--score", "loss",
+                            "--keep-top", 1, "--out", tmp_path / name)  # fmt: skip
+        assert code == 0, out
+    weak, strong = (_rows(tmp_path / n / "scores.jsonl") for n in ("weak", "strong"))
+    for row, w, s in zip(_rows(tmp_path / "l" / "scores.jsonl"), weak, strong):
+        assert row["weak_loss"] == pytest.approx(w["score"], abs=1e-6)
+        assert row["strong_loss"] == pytest.approx(s["score"], abs=1e-6)
+        assert row["score"] == pytest.approx(w["score"] - s["score"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "row, score, line",
+    [
+        ({"label": 1}, "confidence", ":2: no 'text' (the text to classify); the row has keys ['label']"),
+        ({"text": 3, "label": 1}, "confidence", ":2: 'text' must be a string (the text to classify), got int"),
+        ({"text": "ab"}, "loss", ":2: no 'label' (the label); the row has keys ['text']"),
+        ({"text": "ab", "label": 3}, "loss", ":2: 'label' is 3, outside [0, 3) (the model has 3 classes)"),
+        ({"text": "ab", "label": [0.5, 0.5]}, "loss", ":2: 'label' has 2 probabilities, the model has 3 classes"),
+        ({"text": "ab", "label": [0.5, 0.6, 0.1]}, "loss", ":2: 'label' must be non-negative probabilities summing to 1"),
+        ({"text": "ab", "label": "yes"}, "loss", ":2: 'label' must be an integer class or a list of 3 probabilities, got string"),
+    ],
+)
+def test_classification_row_errors_name_the_row_and_key(
+    classifiers: dict[str, Path], tmp_path: Path, row: dict, score: str, line: str
+) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "ab", "label": 0}) + "\n" + json.dumps(row) + "\n")
+    code, out = _select("--data", data, "--model", classifiers["weak"], "--score", score, "--keep-top", 1, "--out", tmp_path / "o")
+    assert code == 1 and len(out.strip().splitlines()) == 1 and line in out, out
+    assert not (tmp_path / "o").exists()
+
+
+def test_classifier_scores_refuse_a_causal_lm_and_a_wrong_task(
+    classifiers: dict[str, Path], assets: dict[str, Path], tmp_path: Path
+) -> None:
+    code, out = _select("--data", classifiers["data"], "--model", assets["strong"], "--score", "confidence",
+                        "--keep-top", 1, "--out", tmp_path / "o")  # fmt: skip
+    assert code == 1 and "not a sequence-classification model" in out and len(out.strip().splitlines()) == 1, out
+    code, out = _select("--data", classifiers["data"], "--model", classifiers["weak"], "--score", "ifd",
+                        "--task", "sequence_classification", "--keep-top", 1, "--out", tmp_path / "o")  # fmt: skip
+    assert code == 1 and "score ifd needs task causal_lm, got task sequence_classification" in out, out

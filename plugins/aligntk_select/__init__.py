@@ -2,7 +2,8 @@
 
 Scores every row of a dataset with a small model (completion perplexity, instruction-following
 difficulty, a reward model's score, or learnability: the loss gap between a weak and a
-stronger model), keeps the top-k, a fraction or a threshold, and writes the kept rows
+stronger model; for text-classification rows, a classifier's confidence or the loss of the
+row's hard or soft label), keeps the top-k, a fraction or a threshold, and writes the kept rows
 (``kept.jsonl``, a plain data file any data component's ``path:`` reads), the scores and a
 report with a histogram. See docs/select.md.
 """

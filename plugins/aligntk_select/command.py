@@ -12,10 +12,21 @@ from aligntk import AligntkError
 @click.command("select")
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", help="Data file to score (.jsonl .json .csv .parquet .arrow, or a save_to_disk folder).")
-@click.option("--score", type=click.Choice(["perplexity", "ifd", "reward", "learnability"]), help="What to score.")
-@click.option("--model", help="Model folder (perplexity, ifd; a scalar-head reward model for reward).")
+@click.option(
+    "--score", type=click.Choice(["perplexity", "ifd", "reward", "learnability", "confidence", "loss"]), help="What to score."
+)
+@click.option(
+    "--model", help="Model folder (perplexity, ifd; a scalar-head reward model for reward; a classifier for confidence, loss)."
+)
 @click.option("--weak", help="Weak model folder (learnability).")
 @click.option("--strong", help="Strong model folder (learnability).")
+@click.option(
+    "--task",
+    type=click.Choice(["causal_lm", "sequence_classification"]),
+    help="What the models are (default: what the score needs; learnability: causal_lm).",
+)
+@click.option("--text-key", help="Column of a row's text (default text).")
+@click.option("--label-key", help="Column of a classification row's label: a class or probabilities (default label).")
 @click.option("--tokenizer", help="Tokenizer folder (default: each model's folder).")
 @click.option("--keep-top", type=int, help="Keep the K best rows.")
 @click.option("--keep-fraction", type=float, help="Keep the best fraction F of the rows (0 < F <= 1).")
@@ -32,12 +43,15 @@ def select(spec: str | None, **flags: object) -> None:
     \b
     Scores: perplexity of the completion; ifd, instruction-following difficulty
     (perplexity given the prompt / perplexity alone); reward, a reward model's score;
-    learnability, weak model's loss - strong model's loss.
+    learnability, weak model's loss - strong model's loss; confidence, a classifier's top
+    class probability on a row's text; loss, a classifier's cross-entropy of the row's
+    label (an integer class or a list of probabilities, such as weak soft labels).
     Writes OUT/kept.jsonl (train on it with data.path: OUT/kept.jsonl), scores.jsonl,
     report.md, report.json and histogram.png.
 
     \b
     aligntk select --data train.jsonl --model runs/q/model --score ifd --keep-fraction 0.2 --out sel
+    aligntk select --data half_b.jsonl --model runs/weak/model --score confidence --keep-fraction 0.5 --out sel
     aligntk select select.yaml --out sel2
     """
     from .run import select as run_select  # torch and transformers load only when running

@@ -23,9 +23,14 @@ from aligntk import DataError, read_rows
 from .scoring import (
     Encoded,
     Keys,
+    Labelled,
     alone,
+    class_log_probs,
     completion_nll,
+    confidence,
+    encode_labelled,
     encode_row,
+    label_loss,
     load_model,
     pad_id,
     perplexity,
@@ -54,9 +59,47 @@ def encode_all(rows: list[tuple[str, dict[str, Any]]], tokenizer: Any, spec: Sel
     return out
 
 
+def encode_labelled_all(
+    rows: list[tuple[str, dict[str, Any]]], tokenizer: Any, num_classes: int, spec: SelectSpec
+) -> list[Labelled]:
+    """Each classification row's text tokens (and target, for the losses); too long is an error naming it."""
+    label_key = None if spec.score == "confidence" else spec.label_key
+    out = []
+    for where, row in rows:
+        enc = encode_labelled(where, row, tokenizer, num_classes, spec.text_key, label_key)
+        if spec.max_length is not None and len(enc.input_ids) > spec.max_length:
+            raise DataError(f"{where}: {len(enc.input_ids)} tokens, more than max_length {spec.max_length}")
+        out.append(enc)
+    return out
+
+
+def score_classified(
+    spec: SelectSpec, rows: list[tuple[str, dict[str, Any]]], device: Any
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Confidence, label loss, or the weak - strong label-loss gap, from sequence classifiers."""
+    folders = {"model": spec.model} if spec.model is not None else {"weak": spec.weak, "strong": spec.strong}
+    losses: dict[str, list[float]] = {}
+    for name, folder in folders.items():
+        assert folder is not None
+        model, tokenizer = load_model(folder, spec.tokenizer, device, classifier=True)
+        encoded = encode_labelled_all(rows, tokenizer, int(model.config.num_labels), spec)
+        pad_token = model.config.pad_token_id if model.config.pad_token_id is not None else pad_id(tokenizer)
+        logps = class_log_probs(model, encoded, int(pad_token), spec.batch_size)
+        del model
+        if spec.score == "confidence":
+            return confidence(logps), {}
+        losses[name] = label_loss(logps, encoded)
+    if spec.score == "loss":
+        return losses["model"], {}
+    parts = {"weak_loss": losses["weak"], "strong_loss": losses["strong"]}
+    return [w - s for w, s in zip(parts["weak_loss"], parts["strong_loss"])], parts
+
+
 def score_rows(spec: SelectSpec, rows: list[tuple[str, dict[str, Any]]]) -> tuple[list[float], dict[str, list[float]]]:
-    """``(scores, parts)``: one score per row, and the NLLs it came from (``parts``, per name)."""
+    """``(scores, parts)``: one score per row, and the NLLs or losses it came from (``parts``, per name)."""
     device = pick_device(spec.device)
+    if spec.classifier:
+        return score_classified(spec, rows, device)
     if spec.score == "learnability":
         assert spec.weak is not None and spec.strong is not None
         parts: dict[str, list[float]] = {}
@@ -107,6 +150,7 @@ def make_report(spec: SelectSpec, scores: list[float], choice: Choice, seconds: 
         "data": str(spec.data),
         "out": str(spec.out),
         "score": spec.score,
+        **({"task": "sequence_classification"} if spec.classifier else {}),
         "models": {k: str(getattr(spec, k)) for k in ("model", "weak", "strong") if getattr(spec, k) is not None},
         "rule": choice.rule,
         "keep": "lowest" if spec.lowest else "highest",

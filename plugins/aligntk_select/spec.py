@@ -14,10 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from aligntk import RecipeError, format_errors
 
-Score = Literal["perplexity", "ifd", "reward", "learnability"]
+Score = Literal["perplexity", "ifd", "reward", "learnability", "confidence", "loss"]
+Task = Literal["causal_lm", "sequence_classification"]
 
 #: Scores that need one model (``model``); learnability needs ``weak`` and ``strong``.
-ONE_MODEL: tuple[str, ...] = ("perplexity", "ifd", "reward")
+ONE_MODEL: tuple[str, ...] = ("perplexity", "ifd", "reward", "confidence", "loss")
+#: Scores from a sequence-classification model's class probabilities (rows: a text, and a label for loss).
+CLASSIFIER_SCORES: tuple[str, ...] = ("confidence", "loss")
 
 
 class SelectSpec(BaseModel):
@@ -25,6 +28,11 @@ class SelectSpec(BaseModel):
 
     By default the highest scores are kept; ``lowest: true`` keeps the lowest (low
     perplexity drops noisy rows, high perplexity keeps the hard ones).
+
+    ``task`` says what the models are: ``confidence`` and ``loss`` need sequence
+    classifiers, ``perplexity`` and ``ifd`` causal LMs; ``learnability`` compares two causal
+    LMs' completion losses, or with ``task: sequence_classification`` two classifiers'
+    label losses.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -32,10 +40,11 @@ class SelectSpec(BaseModel):
     data: Path = Field(description="a data file read_rows reads (.jsonl .json .csv .parquet .arrow, save_to_disk folder)")
     score: Score
     out: Path = Field(description="output folder; must not exist")
-    model: Path | None = Field(None, description="model folder (perplexity, ifd, reward)")
+    model: Path | None = Field(None, description="model folder (perplexity, ifd, reward, confidence, loss)")
     weak: Path | None = Field(None, description="weak model folder (learnability)")
     strong: Path | None = Field(None, description="strong model folder (learnability)")
     tokenizer: Path | None = Field(None, description="tokenizer folder; default: each model's own folder")
+    task: Task | None = Field(None, description="what the models are; default: what the score needs (learnability: causal_lm)")
     keep_top: int | None = Field(None, ge=1)
     keep_fraction: float | None = Field(None, gt=0.0, le=1.0)
     threshold: float | None = None
@@ -48,6 +57,12 @@ class SelectSpec(BaseModel):
     completion_key: str = "completion"
     messages_key: str = "messages"
     text_key: str = "text"
+    label_key: str = Field("label", description="loss and classifier learnability: an integer class or a list of probabilities")
+
+    @property
+    def classifier(self) -> bool:
+        """Whether the models are sequence classifiers (scored on ``text_key``, and ``label_key`` for losses)."""
+        return self.score in CLASSIFIER_SCORES or (self.score == "learnability" and self.task == "sequence_classification")
 
     @model_validator(mode="after")
     def _check(self) -> SelectSpec:
@@ -65,6 +80,12 @@ class SelectSpec(BaseModel):
             raise ValueError("score learnability needs weak and strong")
         elif self.model is not None:
             raise ValueError("score learnability uses weak and strong, not model")
+        if self.task is not None and self.score not in ("learnability", "reward"):
+            needs = "sequence_classification" if self.score in CLASSIFIER_SCORES else "causal_lm"
+            if self.task != needs:
+                raise ValueError(f"score {self.score} needs task {needs}, got task {self.task}")
+        if self.task == "causal_lm" and self.score == "reward":
+            raise ValueError("score reward needs a scalar-head (sequence_classification) model, got task causal_lm")
         return self
 
 
@@ -100,4 +121,4 @@ def read_spec(path: str | Path | None, flags: dict[str, Any]) -> SelectSpec:
         raise RecipeError(f"{where}: {format_errors(exc, SelectSpec, ()).replace('(recipe): ', '')}") from None
 
 
-__all__ = ["ONE_MODEL", "Score", "SelectSpec", "read_spec"]
+__all__ = ["CLASSIFIER_SCORES", "ONE_MODEL", "Score", "SelectSpec", "Task", "read_spec"]
