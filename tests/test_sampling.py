@@ -80,3 +80,12 @@ def test_rollouts_do_not_depend_on_the_micro_batch_size(tmp_path: Path) -> None:
     a, b = read_metrics(one.run_dir), read_metrics(two.run_dir)
     assert [r[k] for r in a for k in keys] == pytest.approx([r[k] for r in b for k in keys], abs=1e-5)
     assert any(r["grad_norm"] > 1e-3 for r in a)
+
+
+def test_gkd_draws_on_or_off_policy_from_the_micro_batch_seed() -> None:
+    from aligntk_rl.gkd import _uniform
+
+    a = [{"sample_seed": sample_seed(0, 3, 7)}, {"sample_seed": sample_seed(0, 3, 8)}]
+    assert _uniform(a) == _uniform(a)  # a fixed function of the micro-batch: any process count, resume
+    draws = [_uniform([{"sample_seed": sample_seed(0, 0, i)}]) for i in range(2000)]
+    assert all(0.0 <= u < 1.0 for u in draws) and abs(sum(draws) / len(draws) - 0.5) < 0.03

@@ -44,6 +44,7 @@ from aligntk import (
     pad_tokens,
     part,
     require_pad_token,
+    sample_seed,
     token_divergence,
     unwrap,
 )
@@ -171,6 +172,14 @@ class GKDDataConfig(FileDataConfig):
     }
 
 
+def _uniform(examples: Sequence[Example]) -> float:
+    """A uniform draw in ``[0, 1)`` for a micro-batch: from its first example's ``sample_seed``, else torch's generator."""
+    if examples and "sample_seed" in examples[0]:
+        generator = torch.Generator().manual_seed(sample_seed(examples[0]["sample_seed"], -1))
+        return torch.rand((), generator=generator).item()
+    return torch.rand(()).item()
+
+
 class GKDData:
     """Prompts with dataset completions; each micro-batch is on-policy with probability ``lmbda``."""
 
@@ -207,9 +216,10 @@ class GKDData:
 
     def rollout(self, models: Models, examples: Sequence[Example]) -> list[Example]:
         c = self.config
-        # TRL draws random.random() <= lmbda once per training step (micro-batch); the torch
-        # generator is the engine's, so a resumed run draws as the uninterrupted one
-        on_policy = torch.rand(()).item() < c.lmbda  # [0, 1): lmbda 1 always, 0 never
+        # TRL draws random.random() <= lmbda once per training step (micro-batch). The draw is
+        # seeded by the micro-batch's first example (its sample_seed from the engine), so it is
+        # the same on any process count and on resume; without one, torch's generator (the run's).
+        on_policy = _uniform(examples) < c.lmbda  # [0, 1): lmbda 1 always, 0 never
         if on_policy:
             completions = self._sample(self.generator, models.policy, examples)
         elif c.seq_kd:
