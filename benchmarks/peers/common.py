@@ -179,3 +179,15 @@ def trl_callback(clock: Any, on_log: Callable[[dict], None]) -> Any:
                 on_log(logs)
 
     return Timer()
+
+
+def aligntk_timer(clock: Any) -> Any:
+    """An aligntk plugin that ticks ``clock`` after every optimizer step: the aligntk side of every peers worker."""
+    import aligntk
+
+    class Timer:
+        @aligntk.hookimpl
+        def aligntk_on_step_end(self, run, step, metrics):  # noqa: ANN001
+            clock.tick()
+
+    return Timer()

@@ -224,15 +224,10 @@ def summarize_pyspy(raw: Path) -> dict[str, Any]:
 
 
 def worker_aligntk(spec: dict, out: Path, clock: Any) -> dict:
-    import aligntk
     from aligntk.testing import read_metrics, run_recipe
 
+    from common import aligntk_timer
     from run import CHECKPOINTING
-
-    class Timer:
-        @aligntk.hookimpl
-        def aligntk_on_step_end(self, run, step, metrics):  # noqa: ANN001
-            clock.tick()
 
     data = {"name": "rollout", "path": spec["work"] + "/prompts.jsonl", "num_generations": spec["num_generations"],
             "max_new_tokens": spec["max_new_tokens"], "temperature": 1.0, "top_p": 1.0, "iterations": 1,
@@ -254,7 +249,7 @@ def worker_aligntk(spec: dict, out: Path, clock: Any) -> dict:
                   "device": spec["device"], "gradient_checkpointing": CHECKPOINTING[spec["checkpointing"]][0]},
     }
     clock.start = time.perf_counter()
-    result = run_recipe(recipe, plugins={"peers_timer": Timer(), "peers_reward": reward_plugin()}, overwrite=True)
+    result = run_recipe(recipe, plugins={"peers_timer": aligntk_timer(clock), "peers_reward": reward_plugin()}, overwrite=True)
     records = read_metrics(result.run_dir)
     rows = spec["prompts"] * spec["num_generations"]
     return {"rewards": [r["reward"] for r in records], "losses": [r["loss"] for r in records],

@@ -45,7 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
-    build_tokenizer, device_name, encode, llama_config, make_rows, peak_rss, rss_now, sync, trl_callback,
+    aligntk_timer, build_tokenizer, device_name, encode, llama_config, make_rows, peak_rss, rss_now, sync,
+    trl_callback,
 )
 
 FRAMEWORKS = ("aligntk", "trl")
@@ -137,13 +138,7 @@ class StepClock:
 
 
 def worker_aligntk(spec: dict, out: Path, clock: StepClock) -> dict:
-    import aligntk
     from aligntk.testing import read_metrics, run_recipe
-
-    class Timer:
-        @aligntk.hookimpl
-        def aligntk_on_step_end(self, run, step, metrics):  # noqa: ANN001
-            clock.tick()
 
     if spec["method"] == "dpo":
         data = {"name": "preference"}
@@ -163,7 +158,7 @@ def worker_aligntk(spec: dict, out: Path, clock: StepClock) -> dict:
                   "gradient_checkpointing": CHECKPOINTING[spec["checkpointing"]][0]},
     }
     clock.start = time.perf_counter()
-    result = run_recipe(recipe, plugins={"peers_timer": Timer()}, overwrite=True)
+    result = run_recipe(recipe, plugins={"peers_timer": aligntk_timer(clock)}, overwrite=True)
     records = read_metrics(result.run_dir)
     return {"losses": [r["loss"] for r in records], "tokens": [r["tokens"] for r in records]}
 
