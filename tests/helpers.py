@@ -82,3 +82,21 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     """``rows`` as JSON Lines at ``path``; returns ``path``."""
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------------------
+# Launching several processes
+# --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun rendezvous.
+
+    Fixed ports collided in CI (``EADDRINUSE`` on a port no test of the run held: the
+    network is shared with whatever else runs on the machine); the OS's pick does not.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -15,6 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import free_port
+
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -34,8 +36,8 @@ def test_two_processes_match_one_process(tiny: dict[str, Any], tmp_path: Path) -
         tmp_path,
     )
     _run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "aligntk", "run", str(recipe), f"output_dir={two}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), "-m", "aligntk", "run", str(recipe), f"output_dir={two}",
          "train.max_steps=3", "train.batch_size=2", "train.grad_accum=1"],
         tmp_path,
     )
@@ -84,8 +86,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny: dict[str
     driver = Path(__file__).parent / "crash_driver.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-         str(driver), str(recipe), "slow", "0"],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), str(driver), str(recipe), "slow", "0"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = out / "metrics.jsonl"

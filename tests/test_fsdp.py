@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from aligntk import AligntkError
 from aligntk.testing import read_metrics, run_recipe
+from helpers import free_port
 
 FSDP = "train.distributed=fsdp"
-_PORT = iter(range(29631, 29700))
 
 
 def _run(args: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
@@ -34,7 +34,7 @@ def _run(args: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedPro
 def _aligntk(recipe: Path, out: Path, *overrides: str, procs: int = 1, resume: bool = False, ok: bool = True):
     launch = [sys.executable, "-m", "aligntk"] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-        "--master_port", str(next(_PORT)), "-m", "aligntk",
+        "--master_port", str(free_port()), "-m", "aligntk",
     ]
     args = [*launch, "run", str(recipe), f"output_dir={out}", *overrides, *(["--resume"] if resume else [])]
     return _run(args, recipe.parent, ok=ok)
@@ -327,11 +327,7 @@ def test_compiled_fsdp_run_matches_the_plain_one(sft: dict[str, Path], tmp_path:
 def test_two_nodes_match_one_node(sft: dict[str, Path], tmp_path: Path) -> None:
     """Two ``torchrun`` launches, one a node (``--nnodes 2 --node_rank 0/1``, rendezvous on
     127.0.0.1), run the fixture's two-process recipe and end where one two-process launch ends."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "nodes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launches = [

@@ -100,6 +100,15 @@ def one_setting(args: argparse.Namespace) -> None:
     shutdown(d)
 
 
+def _free_port() -> int:
+    """A port nobody listens on now, for torchrun's rendezvous (a fixed one can be taken)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def run_all(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +119,7 @@ def run_all(args: argparse.Namespace) -> None:
     for procs in args.procs:
         for mode in ("ddp", "fsdp"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                   "--master_port", "29655", __file__, "--mode", mode, *same]
+                   "--master_port", str(_free_port()), __file__, "--mode", mode, *same]
             subprocess.run(cmd, env=env, check=True)
     write_table(out, args.procs)
 
