@@ -345,4 +345,6 @@ def test_a_lora_grpo_run_pushes_the_merged_adapter(tiny: dict[str, Any], tmp_pat
     # The trainer (peft's forward: W x + B A x) and vLLM (merged W + B A) agree on every step,
     # so the adapter reached the engine after each optimizer step.
     assert all(r["sampling/logp_difference"] < 1e-4 for r in records), [r["sampling/logp_difference"] for r in records]
-    assert records[-1]["grad_norm"] > 0 or records[-2]["grad_norm"] > 0  # the adapter moved
+    # The adapter moved before the last step, so a later step sampled from pushed, changed weights.
+    # (Not "on the last steps": the share-of-1s reward can saturate, every group all 1, no gradient.)
+    assert any(r["grad_norm"] > 0 for r in records[:-1]), [r["grad_norm"] for r in records]
